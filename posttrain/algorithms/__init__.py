@@ -1,0 +1,1 @@
+"""Algorithms: each module supplies `make_batch` and `loss`; estimators are pure functions."""

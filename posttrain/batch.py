@@ -1,0 +1,71 @@
+"""Token batches that cross from an algorithm's `make_batch` to the learner.
+
+Every `*_BT` tensor is aligned with `input_ids_BT` (batch B, time T): position t holds the
+value for token t. Sequences are right-padded. `num_sequences` and `num_tokens` count the whole
+optimizer batch, so a loss normalised by them sums over micro-batches to the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SFTBatch:
+    input_ids_BT: Tensor
+    attention_mask_BT: Tensor
+    loss_mask_BT: Tensor
+    """1 on tokens that carry loss (completion tokens, or all when training on prompts)."""
+    num_sequences: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class GRPOBatch:
+    input_ids_BT: Tensor
+    attention_mask_BT: Tensor
+    loss_mask_BT: Tensor
+    """1 on completion tokens."""
+    advantages_B: Tensor
+    old_logprobs_BT: Tensor | None
+    """Logprobs of the policy that sampled the batch; None = the current policy, detached."""
+    ref_logprobs_BT: Tensor | None
+    """Reference-model logprobs, for the KL term; None when beta == 0."""
+    num_sequences: int
+    num_tokens: int
+
+
+Batch = TypeVar("Batch", SFTBatch, GRPOBatch)
+
+
+def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
+    """Slices of `size` rows; tensors are cut along dim 0, counts stay whole-batch."""
+    rows = batch.input_ids_BT.shape[0]
+    for start in range(0, rows, size):
+        yield take_rows(batch, slice(start, start + size))
+
+
+def take_rows(batch: Batch, index: slice | Tensor) -> Batch:
+    changes = {
+        f.name: getattr(batch, f.name)[index]
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), Tensor)
+    }
+    return dataclasses.replace(batch, **changes)
+
+
+def pad_right(sequences: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into `(ids_BT, attention_mask_BT)`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask

@@ -1,0 +1,44 @@
+"""Command line: `posttrain run CONFIG.yaml [key.sub=value ...]` (also `python -m posttrain`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Staged post-training: SFT, GRPO and more, from one YAML file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a pipeline config")
+    run.add_argument("config", type=Path, help="pipeline YAML file")
+    run.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. stages.1.rollout.n=4"
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    args = parser.parse_args(argv)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from posttrain.config.load import ConfigError, load_config
+    from posttrain.data.load import DataError
+    from posttrain.pipeline import RunFolderError, format_summary, run_pipeline
+    from rewards import RewardLookupError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run_pipeline(cfg, args.config, overwrite=args.overwrite)
+    except (ConfigError, DataError, RewardLookupError, RunFolderError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nrun folder: {cfg.run.folder}\n")
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

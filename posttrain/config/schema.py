@@ -1,0 +1,187 @@
+"""The pipeline configuration: pydantic models, one source of truth for every default.
+
+A pipeline YAML has `run`, `model`, `tracking` and a list of `stages`; each stage picks its
+algorithm with `algo`. Unknown keys are errors (see `posttrain.config.load` for the messages).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    """Name of the pipeline run; also the W&B group name."""
+    output_dir: str | None = None
+    """Run folder; default `runs/<name>`."""
+    seed: int = 0
+    """Seed for model building, data order, sampling and dropout."""
+
+    @property
+    def folder(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+
+class ModelConfig(Strict):
+    path: str = "tiny://arithmetic"
+    """`tiny://<preset>` (built locally, cached), a Hugging Face model id, or a local folder."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the policy is trained in."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+
+
+class TrackingConfig(Strict):
+    backend: Literal["wandb", "jsonl"] = "wandb"
+    """`wandb` (plus the JSONL file) or `jsonl` only. The JSONL file is always written."""
+    project: str = "posttrain"
+    """W&B project."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """`auto`: online when W&B credentials are configured, else offline (synced later)."""
+    samples_every: int = 10
+    """Log a table of samples every this many iterations of an iterative stage (0 = never)."""
+
+
+class DataConfig(Strict):
+    source: str
+    """`builtin://arithmetic`, a .jsonl/.json/.parquet/.csv file, or a `datasets` name."""
+    split: str = "train"
+    """Split to read (built-in tasks and `datasets` names; files have a single split)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map our column names (prompt, completion, messages, answer) to the source's names."""
+    limit: int | None = None
+    """Use at most this many rows (the first ones)."""
+
+
+class RewardSpec(Strict):
+    name: str
+    """Built-in name, `package.module:function`, or `./file.py:function`."""
+    weight: float = 1.0
+    """Weight in the total; 0 logs the reward as a metric without training on it."""
+
+
+class OptimConfig(Strict):
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up (to 0 at the stage's last step)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (None = no clipping)."""
+    micro_batch_size: int = 64
+    """Sequences per forward/backward; gradients accumulate up to the full batch."""
+
+
+class EvalConfig(Strict):
+    data: DataConfig | None = None
+    """Held-out prompts; None disables evaluation."""
+    every: int = 0
+    """Evaluate every this many steps/iterations (0 = only at the end of the stage)."""
+    rewards: list[RewardSpec] | None = None
+    """Rubric for evaluation; None = the stage's rewards, or `exact_answer` for SFT."""
+    accuracy_reward: str | None = None
+    """Component whose value >= 1 counts as correct for `eval/accuracy`; None = the first."""
+    max_new_tokens: int = 32
+    """Greedy decoding length limit."""
+
+
+class RolloutConfig(Strict):
+    engine: Literal["hf"] = "hf"
+    """Rollout engine: `hf` (transformers, in-process)."""
+    n: int = Field(8, ge=1)
+    """Samples per prompt (the group size)."""
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(256, ge=1)
+    """Sequences decoded at once."""
+
+
+class SFTTrainConfig(OptimConfig):
+    lr: float = 1e-4
+    batch_size: int = 32
+    """Sequences per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed); ignored when `max_steps` is set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    max_length: int = 1024
+    """Longest prompt + completion in tokens; longer rows are an error."""
+    train_on_prompt: bool = False
+    """Also put loss on prompt tokens (default: completion tokens only)."""
+
+
+class GRPOParams(Strict):
+    prompts_per_iteration: int = 16
+    """Prompts drawn per iteration; the batch is `prompts_per_iteration * rollout.n` samples."""
+    beta: float = 0.0
+    """KL coefficient towards the reference model (k3 estimator); 0 = no reference."""
+    clip_eps: float = 0.2
+    """PPO clip range epsilon (DeepSeekMath eq. 3)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); False keeps the mean-centred reward."""
+    zero_variance_groups: Literal["keep", "drop"] = "drop"
+    """Groups whose samples all score the same carry no signal: drop them from the update."""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """`sequence`: mean over each completion's tokens, then over completions (GRPO paper);
+    `token`: mean over all completion tokens of the batch (DAPO)."""
+    epochs: int = Field(1, ge=1)
+    """Optimisation passes over each batch; > 1 uses stored old logprobs and clipping."""
+
+
+class SFTStage(Strict):
+    name: str
+    algo: Literal["sft"]
+    data: DataConfig
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class GRPOStage(Strict):
+    name: str
+    algo: Literal["grpo"]
+    data: DataConfig
+    """Training prompts (with the columns the rewards need)."""
+    iterations: int = Field(100, ge=1)
+    """Generate-score-update rounds."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec]
+    grpo: GRPOParams = Field(default_factory=GRPOParams)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _needs_rewards(self) -> GRPOStage:
+        if not self.rewards:
+            raise ValueError("a grpo stage needs at least one reward in `rewards`")
+        return self
+
+
+Stage = Annotated[SFTStage | GRPOStage, Field(discriminator="algo")]
+ALGOS = {"sft": SFTStage, "grpo": GRPOStage}
+
+
+class PipelineConfig(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    stages: list[Stage]
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> PipelineConfig:
+        if not self.stages:
+            raise ValueError("`stages` is empty; a pipeline needs at least one stage")
+        names = [s.name for s in self.stages]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stage names must be unique; repeated: {repeated}")
+        return self

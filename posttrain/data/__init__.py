@@ -1,0 +1,1 @@
+"""Datasets: built-in tasks and file / hub loading with column mapping."""

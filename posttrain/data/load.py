@@ -1,0 +1,125 @@
+"""Load rows for a stage: built-in tasks, JSONL / JSON / Parquet / CSV files, `datasets` names.
+
+Rows come back as plain dicts with our column names (`prompt`, `completion`, `messages`,
+`answer`, plus any other columns, which reach reward functions as keyword lists). A bad row is
+an error naming the file, the row and the column.
+
+Test: `pytest tests/test_data.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.config.schema import DataConfig
+from posttrain.data.arithmetic import arithmetic_rows
+
+BUILTIN = {"arithmetic": arithmetic_rows}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class DataError(ValueError):
+    """Input data the user has to fix; the message names file, row and column."""
+
+
+def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> list[dict[str, Any]]:
+    """Read `cfg.source`, rename columns, check that each row has the columns in `need`.
+
+    `need` entries may be alternatives joined by `|` (e.g. `"prompt|messages"`).
+    """
+    rows = _read(cfg)
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    if not rows:
+        raise DataError(f"{cfg.source}: no rows")
+    rename = {src: ours for ours, src in cfg.columns.items()}
+    present = set(rows[0])
+    missing_src = sorted(set(rename) - present)
+    if missing_src:
+        raise DataError(
+            f"{cfg.source}: data.columns maps from {missing_src}, which the data lacks "
+            f"(columns: {sorted(present)})"
+        )
+    rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+    for index, row in enumerate(rows):
+        _check_row(cfg.source, index, row, need)
+    return rows
+
+
+def _read(cfg: DataConfig) -> list[dict[str, Any]]:
+    source = cfg.source
+    if source.startswith("builtin://"):
+        name = source.removeprefix("builtin://")
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in data {source!r} (have: {', '.join(BUILTIN)})")
+        return BUILTIN[name](cfg.split)
+    path = Path(source).expanduser()
+    if path.suffix in FILE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"data file not found: {source}")
+        return _read_file(path)
+    from datasets import load_dataset
+
+    try:
+        return list(load_dataset(source, split=cfg.split))
+    except Exception as err:
+        raise DataError(f"cannot load dataset {source!r} split {cfg.split!r}: {err}") from err
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number} is not valid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object")
+            rows.append(row)
+        return rows
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return data
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _check_row(source: str, index: int, row: dict, need: tuple[str, ...]) -> None:
+    for requirement in need:
+        options = requirement.split("|")
+        if not any(row.get(o) not in (None, "") for o in options):
+            which = " or ".join(repr(o) for o in options)
+            raise DataError(
+                f"{source}: row {index} has no {which} column (or it is empty); "
+                f"row columns: {sorted(row)}; map yours with data.columns"
+            )
+    for key in ("prompt", "completion"):
+        if key in row and not isinstance(row[key], (str, list)):
+            raise DataError(
+                f"{source}: row {index} column {key!r} must be text, got {type(row[key]).__name__}"
+            )
+    messages = row.get("messages")
+    if messages is not None:
+        ok = isinstance(messages, list) and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok or not messages:
+            raise DataError(
+                f"{source}: row {index} column 'messages' must be a non-empty list of "
+                "{'role': str, 'content': str}"
+            )

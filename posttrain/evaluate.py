@@ -1,0 +1,43 @@
+"""Held-out evaluation: greedy completions of held-out prompts, scored by a rubric.
+
+`eval/accuracy` is the fraction of prompts whose accuracy component scores >= 1;
+`eval/reward` the mean weighted total; `eval/reward/<name>` each component's mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.data.format import prompt_text
+from posttrain.reward_setup import reward_columns
+from rewards import Rubric
+from rollouts import RolloutEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    rows: list[dict[str, Any]]
+    rubric: Rubric
+    accuracy_reward: str
+    max_new_tokens: int
+    batch_size: int = 512
+
+    def __call__(self, engine: RolloutEngine, tokenizer: Any) -> dict[str, float]:
+        greedy = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
+        prompts = [prompt_text(r, tokenizer) for r in self.rows]
+        groups = engine.generate(prompts, 1, greedy, self.rows)
+        completions = [g.samples[0].completion for g in groups]
+        scores = self.rubric.score(prompts, completions, reward_columns(self.rows))
+        correct = [v is not None and v >= 1.0 for v in scores.components[self.accuracy_reward]]
+        lengths = [len(g.samples[0].completion_ids) for g in groups]
+        return {
+            "eval/accuracy": sum(correct) / len(correct),
+            "eval/reward": sum(scores.total) / len(scores.total),
+            **{
+                k: v
+                for k, v in scores.metrics(prefix="eval/reward").items()
+                if k != "eval/reward/total"
+            },
+            "eval/completion_length": sum(lengths) / len(lengths),
+        }

@@ -1,0 +1,78 @@
+"""One optimizer step, the same for every algorithm.
+
+`Learner.update(batch, loss_fn)` splits the batch into micro-batches, computes per-token
+logprobs of each, asks `loss_fn(logprobs_BT, micro)` for a loss normalised by whole-batch
+counts, back-propagates, clips the gradient norm and steps AdamW and the LR schedule. It knows
+nothing about the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.batch import micro_batches
+from posttrain.config.schema import OptimConfig
+from posttrain.logprobs import token_logprobs
+
+LossFn = Callable[[Tensor, object], tuple[Tensor, dict[str, Tensor]]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite."""
+
+
+class Learner:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, total_steps: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(cfg, max(total_steps, 1))
+        )
+        self.step = 0
+
+    def update(self, batch, loss_fn: LossFn) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = defaultdict(float)
+        for micro in micro_batches(batch, self.cfg.micro_batch_size):
+            logprobs = token_logprobs(self.model, micro.input_ids_BT, micro.attention_mask_BT)
+            loss, metrics = loss_fn(logprobs, micro)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"loss is {loss.item()} at optimizer step {self.step + 1}")
+            loss.backward()
+            totals["loss"] += loss.item()
+            for key, value in metrics.items():
+                totals[key] += float(value)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"gradient norm is {grad_norm} at optimizer step {self.step + 1}")
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        totals["grad_norm"] = grad_norm
+        return dict(totals)
+
+
+def _schedule(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), 1.0)
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,1 @@
+"""Loss functions: pure tensor math, importable with torch alone."""

@@ -1,0 +1,42 @@
+"""Load a policy and its tokenizer from `model.path`, building `tiny://` presets on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.models.tiny import build_tiny, parse_tiny_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str, seed: int = 0) -> str:
+    """A loadable path: tiny presets become their cached folder; local folders must exist."""
+    if path.startswith("tiny://"):
+        return str(build_tiny(parse_tiny_path(path), seed=seed))
+    local = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path!r} not found or has no config.json")
+        return str(local)
+    return path  # a Hugging Face id
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_policy(path: str, dtype: str = "float32", device: str = "auto", seed: int = 0):
+    """Return `(model, tokenizer)`; the model is in train mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model_path(path, seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
+    model.to(pick_device(device)).train()
+    return model, tokenizer

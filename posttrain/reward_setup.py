@@ -1,0 +1,29 @@
+"""Build a `rewards.Rubric` from the config's reward list, checked against the data columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.config.schema import RewardSpec
+from rewards import RewardTerm, Rubric, resolve_reward
+
+NOT_PASSED = ("prompt", "completion")  # as TRL: these columns are not reward keywords
+
+
+def reward_columns(rows: list[dict]) -> dict[str, list]:
+    """Dataset columns as keyword lists for reward functions."""
+    keys = [k for k in rows[0] if k not in NOT_PASSED]
+    return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def build_rubric(specs: list[RewardSpec], columns: list[str], base_dir: Path | None) -> Rubric:
+    terms = []
+    for spec in specs:
+        fn = resolve_reward(spec.name, base_dir)
+        terms.append(RewardTerm(_short_name(spec.name), fn, spec.weight))
+    return Rubric(terms, columns=[c for c in columns if c not in NOT_PASSED])
+
+
+def _short_name(name: str) -> str:
+    """`./r.py:brevity` -> `brevity`; `pkg.mod:fn` -> `fn`; built-ins stay as they are."""
+    return name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if (":" in name or "." in name) else name

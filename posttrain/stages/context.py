@@ -1,0 +1,48 @@
+"""What a stage receives from the pipeline, and the pieces every stage builds the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.config.schema import EvalConfig, PipelineConfig, RewardSpec
+from posttrain.data.load import load_rows
+from posttrain.evaluate import Evaluator
+from posttrain.reward_setup import build_rubric
+from posttrain.tracking import StageTracker
+
+
+@dataclass(frozen=True)
+class StageContext:
+    config: PipelineConfig
+    index: int
+    """Position of the stage in the pipeline."""
+    input_model: str
+    """Path (or tiny:// / hub id) of the model the stage starts from."""
+    stage_dir: Path
+    config_dir: Path
+    """Folder of the pipeline YAML: relative reward file paths may be given against it."""
+    tracker: StageTracker
+
+    @property
+    def seed(self) -> int:
+        return self.config.run.seed * 1000 + self.index
+
+    @property
+    def output_model(self) -> Path:
+        return self.stage_dir / "model"
+
+
+def build_evaluator(
+    cfg: EvalConfig, stage_rewards: list[RewardSpec] | None, ctx: StageContext
+) -> Evaluator | None:
+    if cfg.data is None:
+        return None
+    rows = load_rows(cfg.data, need=("prompt|messages",))
+    specs = cfg.rewards or stage_rewards or [RewardSpec(name="exact_answer")]
+    rubric = build_rubric(specs, list(rows[0]), ctx.config_dir)
+    names = [t.name for t in rubric.terms]
+    accuracy = cfg.accuracy_reward or names[0]
+    if accuracy not in names:
+        raise ValueError(f"eval.accuracy_reward {accuracy!r} is not among the rewards {names}")
+    return Evaluator(rows, rubric, accuracy, cfg.max_new_tokens)

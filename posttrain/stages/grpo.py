@@ -1,0 +1,97 @@
+"""The GRPO stage: builds the policy, reference, engine, rubric and learner, then runs the loop."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from posttrain.algorithms import grpo
+from posttrain.config.schema import GRPOParams, GRPOStage
+from posttrain.data.load import load_rows
+from posttrain.learner import Learner
+from posttrain.loop import LoopParts, run_loop
+from posttrain.models.load import load_policy
+from posttrain.reward_setup import build_rubric
+from posttrain.sampler import PromptSampler
+from posttrain.stages.context import StageContext, build_evaluator
+from rollouts import SamplingParams, create_engine
+
+
+@dataclass
+class GRPO:
+    """GRPO bound to its config and models, in the shape the loop expects."""
+
+    cfg: GRPOParams
+    pad_id: int
+    policy: nn.Module
+    reference: nn.Module | None
+    micro_batch_size: int
+
+    @property
+    def passes(self) -> int:
+        return self.cfg.epochs
+
+    def prepare(self, groups, rewards) -> grpo.Prepared:
+        return grpo.make_batch(
+            groups,
+            rewards,
+            self.cfg,
+            self.pad_id,
+            self.policy,
+            self.reference,
+            self.micro_batch_size,
+        )
+
+    def loss(self, logprobs_BT, batch):
+        return grpo.loss(logprobs_BT, batch, self.cfg)
+
+
+def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
+    torch.manual_seed(ctx.seed)
+    cfg = ctx.config
+    model, tokenizer = load_policy(ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed)
+    reference = None
+    if stage.grpo.beta != 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    rows = load_rows(stage.data, need=("prompt|messages",))
+    rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir)
+    evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
+    r = stage.rollout
+    engine = create_engine(r.engine, model=model, tokenizer=tokenizer, batch_size=r.batch_size)
+    learner = Learner(model, stage.train, stage.iterations * stage.grpo.epochs)
+    algorithm = GRPO(
+        stage.grpo, tokenizer.pad_token_id, model, reference, stage.train.micro_batch_size
+    )
+    sampler = PromptSampler(rows, stage.grpo.prompts_per_iteration, ctx.seed)
+    parts = LoopParts(
+        name=f"{stage.name} (grpo)",
+        iterations=stage.iterations,
+        next_prompts=sampler.next,
+        engine=engine,
+        n=r.n,
+        sampling=partial(_sampling, stage, ctx.seed),
+        rubric=rubric,
+        algorithm=algorithm,
+        learner=learner,
+        tokenizer=tokenizer,
+        tracker=ctx.tracker,
+        evaluator=evaluator,
+        eval_every=stage.eval.every,
+        samples_every=cfg.tracking.samples_every,
+    )
+    try:
+        final = run_loop(parts)
+    finally:
+        engine.close()
+    model.save_pretrained(ctx.output_model)
+    tokenizer.save_pretrained(ctx.output_model)
+    return final
+
+
+def _sampling(stage: GRPOStage, seed: int, iteration: int) -> SamplingParams:
+    r = stage.rollout
+    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration)

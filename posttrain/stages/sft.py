@@ -1,0 +1,73 @@
+"""The SFT stage: masked NLL on completions, evaluated on held-out prompts at the end."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.algorithms import sft
+from posttrain.config.schema import SFTStage
+from posttrain.data.format import encode_example
+from posttrain.data.load import DataError, load_rows
+from posttrain.learner import Learner
+from posttrain.models.load import load_policy
+from posttrain.stages.context import StageContext, build_evaluator
+from rollouts.hf import HFEngine
+
+
+def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
+    torch.manual_seed(ctx.seed)
+    cfg = ctx.config
+    model, tokenizer = load_policy(ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed)
+    rows = load_rows(stage.data, need=("prompt|messages",))
+    examples = []
+    for index, row in enumerate(rows):
+        prompt_ids, completion_ids = encode_example(row, tokenizer, stage.data.source, index)
+        if len(prompt_ids) + len(completion_ids) > stage.train.max_length:
+            raise DataError(
+                f"{stage.data.source}: row {index} has {len(prompt_ids) + len(completion_ids)} "
+                f"tokens, over train.max_length={stage.train.max_length}"
+            )
+        examples.append((prompt_ids, completion_ids))
+    train = stage.train
+    steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
+    learner = Learner(model, train, steps)
+    evaluator = build_evaluator(stage.eval, None, ctx)
+    engine = HFEngine(model, tokenizer)
+    order = _batches(len(examples), train.batch_size, ctx.seed)
+    final: dict[str, float] = {}
+    progress = tqdm(
+        range(1, steps + 1), desc=f"{stage.name} (sft)", unit="step", dynamic_ncols=True
+    )
+    for step in progress:
+        batch = sft.make_batch(
+            [examples[i] for i in next(order)], tokenizer.pad_token_id, train.train_on_prompt
+        )
+        metrics = {f"train/{k}": v for k, v in learner.update(batch, sft.loss).items()}
+        progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        if evaluator and (step == steps or (stage.eval.every and step % stage.eval.every == 0)):
+            final = evaluator(engine, tokenizer)
+            metrics.update(final)
+            progress.write(f"[{stage.name}] step {step}: " + _brief(final))
+        ctx.tracker.log(metrics, step)
+    model.save_pretrained(ctx.output_model)
+    tokenizer.save_pretrained(ctx.output_model)
+    return final
+
+
+def _batches(size: int, batch_size: int, seed: int):
+    """Endless batches of indices: a seeded shuffle per epoch, the last partial batch dropped."""
+    rng, epoch_order = random.Random(seed), list(range(size))
+    while True:
+        rng.shuffle(epoch_order)
+        for start in range(0, size - batch_size + 1, batch_size):
+            yield epoch_order[start : start + batch_size]
+        if size < batch_size:
+            yield epoch_order
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") == 1)

@@ -1,0 +1,138 @@
+"""Rollout engine on plain transformers: a KV-cached decode loop that returns logprobs.
+
+The engine can share its model object with the trainer (the usual case on one device): then
+`load_weights` only bumps the policy version. Given another module or a state dict, it copies
+the weights in. Prompts are left-padded so every row decodes in lock-step; finished rows keep
+decoding padding until the whole micro-batch is done (simple and fast at small lengths).
+
+Test: `pytest tests/test_rollouts_hf.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollouts.types import Group, Sample, SamplingParams
+
+
+class HFEngine:
+    """Sampling with transformers models, in the caller's process."""
+
+    name = "hf"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 256) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.version = 0
+        self._generator = torch.Generator().manual_seed(0)
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
+        )
+
+    def load_weights(self, source: Any, version: int) -> None:
+        if source is not self.model:
+            state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+            self.model.load_state_dict(state)
+        self.version = version
+
+    def close(self) -> None:
+        self.model = None
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], n: int, sampling: SamplingParams, rows: list[dict] | None = None
+    ) -> list[Group]:
+        rows = rows if rows is not None else [{} for _ in prompts]
+        if len(rows) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(rows)} rows")
+        generator = self._generator
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
+        samples: list[list[Sample]] = [[] for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(flat), self.batch_size):
+                chunk = flat[start : start + self.batch_size]
+                outs = self._decode([ids for _, ids in chunk], sampling, generator)
+                for (i, ids), (comp, logps, reason) in zip(chunk, outs, strict=True):
+                    text = self.tokenizer.decode(comp, skip_special_tokens=True)
+                    samples[i].append(
+                        Sample(prompts[i], text, ids, comp, logps, reason, self.version)
+                    )
+        finally:
+            self.model.train(was_training)
+        return [Group(p, s, r) for p, s, r in zip(prompts, samples, rows, strict=True)]
+
+    def _decode(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator
+    ) -> list[tuple[list[int], list[float], str]]:
+        device = next(self.model.parameters()).device
+        batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = positions[:, -1:] + 1
+        tokens_BT, logps_BT = [], []
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(self.stop_ids), device=device)
+        for _ in range(sampling.max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            token = _choose(logp, sampling, generator)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            tokens_BT.append(token)
+            logps_BT.append(logp.gather(-1, token[:, None]).squeeze(-1))
+            done = done | torch.isin(token, stop)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], 1)
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        tokens = torch.stack(tokens_BT, 1).tolist()
+        logps = torch.stack(logps_BT, 1).tolist()
+        results = []
+        for row_tokens, row_logps in zip(tokens, logps, strict=True):
+            length, reason = len(row_tokens), "length"
+            for j, tok in enumerate(row_tokens):
+                if tok in self.stop_ids:
+                    length, reason = j + 1, "stop"
+                    break
+            results.append((row_tokens[:length], row_logps[:length], reason))
+        return results
+
+
+def _choose(
+    logp: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """Pick one token per row: greedy at temperature 0, else temperature + nucleus sampling."""
+    if sampling.temperature == 0:
+        return logp.argmax(-1)
+    probs = torch.softmax(logp / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logp.device)
