@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="key.sub=value overrides, e.g. stages.1.rollout.n=4"
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after options: collect the stray ones too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     return _run(args)
 
 

@@ -28,7 +28,8 @@ class Evaluator:
         prompts = [prompt_text(r, tokenizer) for r in self.rows]
         groups = engine.generate(prompts, 1, greedy, self.rows)
         completions = [g.samples[0].completion for g in groups]
-        scores = self.rubric.score(prompts, completions, reward_columns(self.rows))
+        ids = [g.samples[0].completion_ids for g in groups]
+        scores = self.rubric.score(prompts, completions, reward_columns(self.rows), ids)
         correct = [v is not None and v >= 1.0 for v in scores.components[self.accuracy_reward]]
         lengths = [len(g.samples[0].completion_ids) for g in groups]
         return {

@@ -70,6 +70,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
                 [s.prompt for s in samples],
                 [s.completion for s in samples],
                 reward_columns(flat_rows),
+                [s.completion_ids for s in samples],
             )
         with timer("prepare"):
             prepared = p.algorithm.prepare(groups, scores.total)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ALWAYS_PASSED = ("prompts", "completions")
+PASSED_WHEN_GIVEN = ("completion_ids",)  # as TRL's trainers pass them
 
 
 class RewardError(RuntimeError):
@@ -66,9 +67,18 @@ class Rubric:
         self._accepts = {t.name: _check_signature(t, columns) for t in self.terms}
 
     def score(
-        self, prompts: list[Any], completions: list[Any], columns: dict[str, list] | None = None
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        columns: dict[str, list] | None = None,
+        completion_ids: list[list[int]] | None = None,
     ) -> Scores:
-        columns = columns or {}
+        """Score each completion; `columns` are dataset columns as keyword lists."""
+        columns = dict(columns or {})
+        if completion_ids is not None:
+            columns["completion_ids"] = completion_ids
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
         for key, values in columns.items():
             if len(values) != len(completions):
                 raise ValueError(
@@ -81,8 +91,8 @@ class Rubric:
             components[term.name] = _call(term, prompts, completions, kwargs)
         total = []
         for i in range(len(completions)):
-            parts = [t.weight * components[t.name][i] for t in self.terms if t.weight != 0]
-            total.append(sum(p for p in parts if p is not None and not math.isnan(p)))
+            values = [(t.weight, components[t.name][i]) for t in self.terms if t.weight != 0]
+            total.append(sum(w * v for w, v in values if v is not None and not math.isnan(v)))
         return Scores(total, components)
 
 
@@ -108,7 +118,7 @@ def _check_signature(term: RewardTerm, columns: Sequence[str] | None) -> set[str
         and p.name not in ALWAYS_PASSED
     }
     if columns is not None:
-        absent = sorted(required - set(columns))
+        absent = sorted(required - set(columns) - set(PASSED_WHEN_GIVEN))
         if absent:
             raise TypeError(
                 f"reward {term.name!r} needs column(s) {absent}, but the data has "

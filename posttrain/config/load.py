@@ -54,16 +54,22 @@ def apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.path=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {err}") from None
     parts = key.split(".")
     node: Any = data
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
-            if not part.lstrip("-").isdigit():
-                raise ConfigError(f"override {item!r}: {where} indexes a list; use a number")
-            index = int(part)
+            try:
+                index = int(part)
+            except ValueError:
+                raise ConfigError(
+                    f"override {item!r}: {where} indexes a list; use a number"
+                ) from None
             if not -len(node) <= index < len(node):
                 raise ConfigError(
                     f"override {item!r}: {where} is out of range (the list has {len(node)} items)"

@@ -35,18 +35,25 @@ def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> list[dict
         rows = rows[: cfg.limit]
     if not rows:
         raise DataError(f"{cfg.source}: no rows")
-    rename = {src: ours for ours, src in cfg.columns.items()}
     present = set(rows[0])
-    missing_src = sorted(set(rename) - present)
+    missing_src = sorted(set(cfg.columns.values()) - present)
     if missing_src:
         raise DataError(
             f"{cfg.source}: data.columns maps from {missing_src}, which the data lacks "
             f"(columns: {sorted(present)})"
         )
-    rows = [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+    if cfg.columns:
+        rows = [_map_columns(row, cfg.columns) for row in rows]
     for index, row in enumerate(rows):
         _check_row(cfg.source, index, row, need)
     return rows
+
+
+def _map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Rename source columns to our names (one source column may feed several of ours)."""
+    mapped = {ours: row.get(source) for ours, source in columns.items()}
+    dropped = set(mapped) | set(columns.values())
+    return {**{k: v for k, v in row.items() if k not in dropped}, **mapped}
 
 
 def _read(cfg: DataConfig) -> list[dict[str, Any]]:
@@ -84,7 +91,10 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             rows.append(row)
         return rows
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON: {err}") from err
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a JSON list of objects")
         return data
