@@ -42,3 +42,8 @@ class Evaluator:
             },
             "eval/completion_length": sum(lengths) / len(lengths),
         }
+
+
+def brief(metrics: dict[str, float]) -> str:
+    """`eval/accuracy=0.870, eval/reward=0.870, ...`: the top-level evaluation metrics."""
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") == 1)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from posttrain.data.format import prompt_text
-from posttrain.evaluate import Evaluator
+from posttrain.evaluate import Evaluator, brief
 from posttrain.learner import Learner
 from posttrain.reward_setup import reward_columns
 from posttrain.tracking import StageTracker
@@ -87,7 +87,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
             with timer("eval"):
                 final = p.evaluator(p.engine, p.tokenizer)
             metrics.update(final)
-            progress.write(f"[{p.name}] iteration {it}: " + _brief(final))
+            progress.write(f"[{p.name}] iteration {it}: " + brief(final))
         metrics.update(timer.metrics())
         p.tracker.log(metrics, it)
         if p.samples_every and (it % p.samples_every == 0 or it == 1):
@@ -128,7 +128,3 @@ def _sample_rows(samples, scores, advantages) -> list[dict]:
         row.update({"total": scores.total[i], "advantage": advantages[i]})
         rows.append(row)
     return rows
-
-
-def _brief(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") == 1)

@@ -378,3 +378,22 @@ def test_loaded_chat_file_encodes(tmp_path, tokenizer):
     prompt_ids, completion_ids = encode_example(row, tokenizer, str(path), 0)
     full = tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert tokenizer.decode(prompt_ids + completion_ids) == full + tokenizer.eos_token
+
+
+def test_datasets_folder_source_with_mapping(tmp_path):
+    """A `datasets` source (here a local dataset folder, as hub names need the network)."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"question": f"{i}+1=", "solution": str(i + 1)} for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        source=str(folder), split="train", columns={"prompt": "question", "answer": "solution"}
+    )
+    loaded = load_rows(cfg)
+    assert loaded == [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+
+
+def test_datasets_source_that_cannot_load_names_it(tmp_path):
+    cfg = DataConfig(source=str(tmp_path / "no-such-dataset"), split="train")
+    with pytest.raises(DataError, match="cannot load dataset"):
+        load_rows(cfg)

@@ -12,6 +12,7 @@ from posttrain.algorithms import sft
 from posttrain.config.schema import SFTStage
 from posttrain.data.format import encode_example
 from posttrain.data.load import DataError, load_rows
+from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
 from posttrain.stages.context import StageContext, build_evaluator
@@ -51,7 +52,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
         if evaluator and (step == steps or (stage.eval.every and step % stage.eval.every == 0)):
             final = evaluator(engine, tokenizer)
             metrics.update(final)
-            progress.write(f"[{stage.name}] step {step}: " + _brief(final))
+            progress.write(f"[{stage.name}] step {step}: " + brief(final))
         ctx.tracker.log(metrics, step)
     model.save_pretrained(ctx.output_model)
     tokenizer.save_pretrained(ctx.output_model)
@@ -67,7 +68,3 @@ def _batches(size: int, batch_size: int, seed: int):
             yield epoch_order[start : start + batch_size]
         if size < batch_size:
             yield epoch_order
-
-
-def _brief(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.count("/") == 1)
