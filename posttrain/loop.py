@@ -20,6 +20,7 @@ from posttrain.data.format import prompt_text
 from posttrain.evaluate import Evaluator, brief
 from posttrain.learner import Learner
 from posttrain.reward_setup import reward_columns
+from posttrain.sync import SyncError
 from posttrain.tracking import StageTracker
 from rewards import Rubric
 from rollouts import Group, RolloutEngine, SamplingParams
@@ -50,6 +51,10 @@ class LoopParts:
     evaluator: Evaluator | None
     eval_every: int
     samples_every: int
+    probe: Callable[[list[list[int]]], float] | None = None
+    """Largest engine-vs-trainer logprob gap on sequences after a sync; None = no probe."""
+    probe_size: int = 8
+    max_logprob_diff: float = 1e-2
 
 
 def run_loop(p: LoopParts) -> dict[str, float]:
@@ -76,6 +81,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
             prepared = p.algorithm.prepare(groups, scores.total)
         metrics = {**scores.metrics(prefix="train/reward"), **_rollout_metrics(groups)}
         metrics.update(prepared.metrics)
+        p.engine.sleep()
         with timer("update"):
             if prepared.batch is not None:
                 for _ in range(p.algorithm.passes):
@@ -83,6 +89,17 @@ def run_loop(p: LoopParts) -> dict[str, float]:
                 metrics.update({f"train/{k}": v for k, v in update.items()})
         with timer("sync"):
             p.engine.load_weights(p.learner.model, version=it)
+        metrics["sync/seconds"] = timer.seconds["sync"]
+        if p.probe is not None and p.probe_size > 0:
+            probe = [s.prompt_ids + s.completion_ids for s in samples[: p.probe_size]]
+            gap = metrics["sync/logprob_max_abs_diff"] = p.probe(probe)
+            if gap > p.max_logprob_diff:
+                raise SyncError(
+                    f"after the weight sync of iteration {it}, the {p.engine.name} engine's "
+                    f"logprobs differ from the trainer's by up to {gap:.3g} (bound "
+                    f"rollout.max_logprob_diff={p.max_logprob_diff}): the engine is not "
+                    "sampling from the policy being trained"
+                )
         if p.evaluator and (it == p.iterations or (p.eval_every and it % p.eval_every == 0)):
             with timer("eval"):
                 final = p.evaluator(p.engine, p.tokenizer)

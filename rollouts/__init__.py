@@ -9,9 +9,17 @@ __all__ = ["FinishReason", "Group", "RolloutEngine", "Sample", "SamplingParams",
 
 
 def create_engine(name: str, **kwargs):
-    """Build an engine by name (`hf`). Heavy imports happen here, not at package import."""
+    """Build an engine by name: `hf`, `vllm`, `vllm-server`. vLLM is imported only here."""
     if name == "hf":
         from rollouts.hf import HFEngine
 
         return HFEngine(**kwargs)
-    raise ValueError(f"unknown rollout engine {name!r}; expected one of: hf")
+    if name == "vllm":
+        from rollouts.vllm_engine import VLLMEngine
+
+        return VLLMEngine(**kwargs)
+    if name == "vllm-server":
+        from rollouts.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(**kwargs)
+    raise ValueError(f"unknown rollout engine {name!r}; expected one of: hf, vllm, vllm-server")

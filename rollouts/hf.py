@@ -44,6 +44,25 @@ class HFEngine:
     def close(self) -> None:
         self.model = None
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine shares (or holds) a plain model."""
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        device = next(self.model.parameters()).device
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        self.model.train(was_training)
+        picked = logits[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+        values = (picked - torch.logsumexp(logits[:, :-1], -1)).cpu().tolist()
+        return [[0.0] + row[: len(seq) - 1] for row, seq in zip(values, sequences, strict=True)]
+
     @torch.no_grad()
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams, rows: list[dict] | None = None

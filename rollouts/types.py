@@ -73,6 +73,14 @@ class RolloutEngine(Protocol):
         """Make the engine generate with `source`'s weights; tag later samples with `version`."""
         ...
 
+    def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of whole token sequences (position 0: 0.0), for sync probes."""
+        ...
+
+    def sleep(self) -> None:
+        """Free memory while the trainer updates, where the engine supports it (else no-op)."""
+        ...
+
     def close(self) -> None:
         """Release the engine's resources."""
         ...

@@ -95,15 +95,41 @@ class EvalConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    engine: Literal["hf"] = "hf"
-    """Rollout engine: `hf` (transformers, in-process)."""
+    engine: Literal["auto", "hf", "vllm", "vllm-server"] = "auto"
+    """`auto`: `vllm` when vLLM is importable, else `hf` (the choice is printed). `hf`:
+    transformers in the trainer's process. `vllm`: a vLLM engine in the trainer's process.
+    `vllm-server`: an OpenAI-compatible vLLM server, started here or at `server_url`."""
     n: int = Field(8, ge=1)
     """Samples per prompt (the group size)."""
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(256, ge=1)
-    """Sequences decoded at once."""
+    """Sequences decoded at once (`hf` engine)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM dtype; `auto` = `model.dtype`, so the sync probe compares like with like."""
+    max_model_len: int | None = None
+    """vLLM context length; None = the model's."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM's share of GPU memory (GPU only)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallelism (GPU only)."""
+    sleep_mode: bool = False
+    """`vllm` on GPU: free the engine's memory while the trainer updates."""
+    server_url: str | None = None
+    """`vllm-server`: an existing server (started with VLLM_SERVER_DEV_MODE=1 and able to read
+    `server_weights_dir`); None starts one on a free loopback port."""
+    server_weights_dir: str | None = None
+    """`vllm-server`: folder the weights are written to for the server to reload."""
+    server_restarts: int = Field(0, ge=0)
+    """`vllm-server`: restart a started server that dies this many times (0 = stop the run)."""
+    request_timeout: float = Field(300.0, gt=0)
+    """`vllm-server`: seconds per HTTP request."""
+    sync_probe: int = Field(8, ge=0)
+    """After each weight sync, compare the engine's logprobs of this many sampled sequences
+    with the trainer's (0 = off)."""
+    max_logprob_diff: float = Field(1e-2, gt=0)
+    """Stop the run when the probe's largest absolute logprob difference passes this."""
 
 
 class SFTTrainConfig(OptimConfig):

@@ -12,13 +12,15 @@ from torch import nn
 from posttrain.algorithms import grpo
 from posttrain.config.schema import GRPOParams, GRPOStage
 from posttrain.data.load import load_rows
+from posttrain.engines import build_engine
 from posttrain.learner import Learner
 from posttrain.loop import LoopParts, run_loop
-from posttrain.models.load import load_policy
+from posttrain.models.load import load_policy, resolve_model_path
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
-from rollouts import SamplingParams, create_engine
+from posttrain.sync import probe_logprob_diff
+from rollouts import SamplingParams
 
 
 @dataclass
@@ -61,7 +63,11 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
     rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir)
     evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
     r = stage.rollout
-    engine = create_engine(r.engine, model=model, tokenizer=tokenizer, batch_size=r.batch_size)
+    model_path = resolve_model_path(ctx.input_model, cfg.run.seed)
+    engine = build_engine(r, model, tokenizer, model_path, cfg.model.dtype, ctx.seed)
+    print(
+        f"[{stage.name}] rollout engine: {engine.name}" + (" (auto)" if r.engine == "auto" else "")
+    )
     learner = Learner(model, stage.train, stage.iterations * stage.grpo.epochs)
     algorithm = GRPO(
         stage.grpo, tokenizer.pad_token_id, model, reference, stage.train.micro_batch_size
@@ -82,6 +88,9 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
         evaluator=evaluator,
         eval_every=stage.eval.every,
         samples_every=cfg.tracking.samples_every,
+        probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
+        probe_size=r.sync_probe,
+        max_logprob_diff=r.max_logprob_diff,
     )
     try:
         final = run_loop(parts)

@@ -1,0 +1,37 @@
+"""Check a weight sync: the engine's logprobs of a probe batch against the trainer's.
+
+After `engine.load_weights(policy)`, both should assign the same log-probability to every
+token of the same sequences (up to numerics: ~1e-5 in float32). A larger gap means the engine
+samples from another policy than the one being trained, which silently biases the update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from posttrain.batch import pad_right
+from posttrain.logprobs import token_logprobs
+from rollouts import RolloutEngine
+
+
+class SyncError(RuntimeError):
+    """The rollout engine's logprobs disagree with the trainer's after a weight sync."""
+
+
+@torch.no_grad()
+def probe_logprob_diff(
+    engine: RolloutEngine, policy: nn.Module, sequences: list[list[int]], pad_id: int
+) -> float:
+    """Largest |engine - trainer| logprob over every predicted token of `sequences`."""
+    engine_lp = engine.logprobs(sequences)
+    ids, mask = pad_right(sequences, pad_id)
+    was_training = policy.training
+    policy.eval()
+    trainer_lp = token_logprobs(policy, ids, mask).cpu()
+    policy.train(was_training)
+    worst = 0.0
+    for row, (seq, values) in enumerate(zip(sequences, engine_lp, strict=True)):
+        got = torch.tensor(values[1 : len(seq)], dtype=torch.float32)
+        worst = max(worst, (got - trainer_lp[row, 1 : len(seq)]).abs().max().item())
+    return worst
