@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     from posttrain.pipeline import RunFolderError, format_summary, run_pipeline
     from rewards import RewardLookupError
 
+    # SIGTERM unwinds like Ctrl-C, so engines and servers are stopped by their `finally`s.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_pipeline(cfg, args.config, overwrite=args.overwrite)

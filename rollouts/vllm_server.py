@@ -25,12 +25,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rollouts.types import Group, Sample, SamplingParams
@@ -81,6 +83,8 @@ class VLLMServerEngine:
             self.options.weights_dir or tempfile.mkdtemp(prefix="posttrain-weights-")
         )
         self._has_weights = False
+        self._epoch = 0  # bumped by every restart
+        self._restart_lock = threading.Lock()
         self._http = httpx.Client(timeout=self.options.request_timeout)
         self._log_path = self.weights_dir / "server.log"
         if self.options.url:
@@ -165,6 +169,7 @@ class VLLMServerEngine:
         import httpx
 
         for attempt in range(self.options.retries + 1):
+            epoch = self._epoch
             try:
                 response = self._http.request(method, f"{self.url}{path}", json=body)
                 if response.status_code < 500:
@@ -176,8 +181,10 @@ class VLLMServerEngine:
                 problem = f"{response.status_code} {response.text[:200]}"
             except httpx.TransportError as err:
                 problem = f"{type(err).__name__}: {err}"
-            if self.process is not None and self.process.poll() is not None:
-                self._restart_or_fail(f"during {method} {path}")
+            if self.process is not None and (
+                epoch != self._epoch or self.process.poll() is not None
+            ):
+                self._restart_or_fail(f"during {method} {path}", epoch)
             elif attempt == self.options.retries:
                 raise ServerError(
                     f"{method} {self.url}{path} failed {attempt + 1} times: {problem}"
@@ -185,15 +192,20 @@ class VLLMServerEngine:
             time.sleep(min(2.0**attempt, 10.0))
         raise ServerError(f"{method} {self.url}{path} failed after restarting the server")
 
-    def _restart_or_fail(self, when: str) -> None:
-        if self.restarts_left <= 0:
-            self._check_alive(when)
-        self.restarts_left -= 1
-        _stop_group(self.process)
-        self._log.close()
-        self._start()
-        if self._has_weights:
-            self._reload()
+    def _restart_or_fail(self, when: str, epoch: int) -> None:
+        """Restart a dead server once, however many concurrent requests saw it die."""
+        with self._restart_lock:
+            if epoch != self._epoch:
+                return  # another request already restarted it
+            if self.restarts_left <= 0:
+                self._check_alive(when)
+            self.restarts_left -= 1
+            _stop_group(self.process)
+            self._log.close()
+            self._start()
+            if self._has_weights:
+                self._reload()
+            self._epoch += 1
 
     def _get(self, path: str) -> Any:
         return self._request("GET", path)
@@ -262,13 +274,10 @@ class VLLMServerEngine:
         return self._parallel(one, sequences)
 
     def load_weights(self, source: Any, version: int) -> None:
-        from safetensors.torch import save_file, save_model
+        from safetensors.torch import save_file
 
         staging = self.weights_dir / "model.safetensors.tmp"
-        if isinstance(source, nn.Module):
-            save_model(source, str(staging))
-        else:
-            save_file({k: v.detach().contiguous() for k, v in dict(source).items()}, str(staging))
+        save_file(_checkpoint_tensors(source), str(staging))
         os.replace(staging, self.weights_dir / "model.safetensors")
         self._has_weights = True
         self._reload()
@@ -283,6 +292,23 @@ class VLLMServerEngine:
 
     def sleep(self) -> None:
         """The server keeps its memory; sleeping a shared server is the operator's call."""
+
+
+def _checkpoint_tensors(source: Any) -> dict[str, torch.Tensor]:
+    """Every state-dict entry as its own CPU tensor, tied ones included.
+
+    safetensors refuses tensors that share memory, and vLLM's in-place reload needs every name:
+    leaving out `lm_head.weight` of a tied model left the layers stale (the probe caught it).
+    """
+    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        shared = tensor.data_ptr() in seen
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.clone().cpu() if shared else tensor.contiguous().cpu()
+    return out
 
 
 def _free_port() -> int:
@@ -306,6 +332,13 @@ def _stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=grace)
+    deadline = time.monotonic() + grace  # workers take a moment to exit after SIGKILL
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 @atexit.register
