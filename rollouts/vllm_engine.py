@@ -80,6 +80,7 @@ class VLLMEngine:
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 logprobs=0,
+                flat_logprobs=True,  # one list per sample instead of a dict per token
                 # One seed per prompt: a shared seed would draw the same noise for every prompt.
                 seed=None if sampling.seed is None else sampling.seed * 1_000_003 + i,
             )
@@ -96,9 +97,12 @@ class VLLMEngine:
 
     def _sample(self, prompt: str, prompt_ids: list[int], completion) -> Sample:
         token_ids = list(completion.token_ids)
-        logprobs = [
-            step[tok].logprob for step, tok in zip(completion.logprobs, token_ids, strict=True)
-        ]
+        # With logprobs=0 each position holds exactly the sampled token's logprob.
+        logprobs = list(completion.logprobs.logprobs)
+        if len(logprobs) != len(token_ids):
+            raise RuntimeError(
+                f"vLLM returned {len(logprobs)} logprobs for {len(token_ids)} tokens"
+            )
         reason = "length" if completion.finish_reason == "length" else "stop"
         return Sample(
             prompt, completion.text, prompt_ids, token_ids, logprobs, reason, self.version

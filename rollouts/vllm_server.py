@@ -64,6 +64,9 @@ class ServerOptions:
     weights_dir: str | None = None
     """Where weights are written for the server to reload; default a private temp folder."""
     max_concurrency: int = 32
+    """Requests in flight at once."""
+    prompts_per_request: int = 64
+    """Prompts batched into one request when sampling is greedy or unseeded."""
 
 
 class VLLMServerEngine:
@@ -225,11 +228,16 @@ class VLLMServerEngine:
     ) -> list[Group]:
         rows = rows if rows is not None else [{} for _ in prompts]
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        # A request's seed is shared by all its prompts, which would then draw the same noise:
+        # seeded sampling sends one prompt per request; greedy or unseeded sampling batches them.
+        seeded = sampling.seed is not None and sampling.temperature > 0
+        size = 1 if seeded else self.options.prompts_per_request
+        chunks = [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
 
-        def one(i: int) -> list[Sample]:
+        def one(indices: list[int]) -> list[list[Sample]]:
             body = {
                 "model": self.served_model,
-                "prompt": prompt_ids[i],
+                "prompt": [prompt_ids[i] for i in indices],
                 "n": n,
                 "max_tokens": sampling.max_new_tokens,
                 "temperature": sampling.temperature,
@@ -237,26 +245,31 @@ class VLLMServerEngine:
                 "logprobs": 0,
                 "return_token_ids": True,
             }
-            if sampling.seed is not None:
-                body["seed"] = sampling.seed * 1_000_003 + i
+            if seeded:
+                body["seed"] = sampling.seed * 1_000_003 + indices[0]
             version = self.version
             choices = sorted(
                 self._post("/v1/completions", body)["choices"], key=lambda c: c["index"]
             )
-            return [
-                Sample(
-                    prompts[i],
-                    c["text"],
-                    prompt_ids[i],
-                    list(c["token_ids"]),
-                    list(c["logprobs"]["token_logprobs"]),
-                    "length" if c["finish_reason"] == "length" else "stop",
-                    version,
+            out = []
+            for k, i in enumerate(indices):
+                out.append(
+                    [
+                        Sample(
+                            prompts[i],
+                            c["text"],
+                            prompt_ids[i],
+                            list(c["token_ids"]),
+                            list(c["logprobs"]["token_logprobs"]),
+                            "length" if c["finish_reason"] == "length" else "stop",
+                            version,
+                        )
+                        for c in choices[k * n : (k + 1) * n]
+                    ]
                 )
-                for c in choices
-            ]
+            return out
 
-        samples = self._parallel(one, list(range(len(prompts))))
+        samples = [group for part in self._parallel(one, chunks) for group in part]
         return [Group(p, s, r) for p, s, r in zip(prompts, samples, rows, strict=True)]
 
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:

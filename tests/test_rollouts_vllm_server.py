@@ -15,7 +15,7 @@ pytestmark = pytest.mark.vllm
 
 from posttrain.models.load import load_policy  # noqa: E402
 from posttrain.sync import probe_logprob_diff  # noqa: E402
-from rollouts import SamplingParams  # noqa: E402
+from rollouts import SamplingParams, create_engine  # noqa: E402
 from rollouts.vllm_server import ServerError, ServerOptions, VLLMServerEngine  # noqa: E402
 
 PROMPTS = ["12+34=", "7+8=", "99+99="]
@@ -55,6 +55,9 @@ def test_start_generate_sync_stop(tiny_path):
         assert probe_logprob_diff(engine, model, sequences, tokenizer.pad_token_id) < 1e-4
 
         before = [g.samples[0].completion_ids for g in engine.generate(PROMPTS, 1, GREEDY)]
+        # Greedy prompts travel in one batched request; answers must come back in order.
+        hf = create_engine("hf", model=model, tokenizer=tokenizer)
+        assert before == [g.samples[0].completion_ids for g in hf.generate(PROMPTS, 1, GREEDY)]
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)

@@ -67,5 +67,8 @@ def test_loop_logs_the_probe_and_stops_past_the_bound(tiny, tmp_path):
     assert '"sync/logprob_max_abs_diff": 0.0' in lines and '"sync/seconds"' in lines
 
     low = create_engine("hf", model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tokenizer)
-    with pytest.raises(SyncError, match=r"iteration 1, the hf engine's logprobs differ .*\(bound rollout.max_logprob_diff"):
+    with pytest.raises(
+        SyncError,
+        match=r"iteration 1, the hf engine's logprobs differ .*\(bound rollout.max_logprob_diff",
+    ):
         run_loop(_loop(model, tokenizer, low, tmp_path, bound=1e-3))
