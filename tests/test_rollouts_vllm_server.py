@@ -41,7 +41,7 @@ def _kill(engine: VLLMServerEngine) -> None:
     engine.process.wait(timeout=30)
 
 
-def test_start_generate_sync_stop(tiny_path):
+def test_start_generate_sync_stop(tiny_path, tmp_path):
     model, tokenizer = load_policy(tiny_path, "float32", "cpu")
     engine = VLLMServerEngine(tiny_path, tokenizer, ServerOptions(retries=0))
     pid, url = engine.process.pid, engine.url
@@ -68,11 +68,24 @@ def test_start_generate_sync_stop(tiny_path):
         assert engine.process.pid == pid  # synced without a restart
         sequences = [s.prompt_ids + s.completion_ids for g in after for s in g.samples]
         assert probe_logprob_diff(engine, model, sequences, tokenizer.pad_token_id) < 1e-4
-        # The tied embedding alone must reach the server too (it is saved once, by its name).
+        # The tied embedding alone must reach the server too.
         with torch.no_grad():
             model.model.embed_tokens.weight.mul_(-1.0)
         engine.load_weights(model, version=4)
         assert probe_logprob_diff(engine, model, sequences, tokenizer.pad_token_id) < 1e-4
+
+        # An existing server by URL: used as is, synced through a folder of our choosing.
+        existing = VLLMServerEngine(
+            tiny_path, tokenizer, ServerOptions(url=url, weights_dir=str(tmp_path))
+        )
+        assert existing.process is None
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(-1.0)
+        existing.load_weights(model, version=5)
+        assert (tmp_path / "model.safetensors").is_file()
+        assert probe_logprob_diff(existing, model, sequences, tokenizer.pad_token_id) < 1e-4
+        existing.close()
+        assert _group_alive(pid)  # closing a client of an existing server leaves it running
     finally:
         engine.close()
     assert not _group_alive(pid), "the server's process group outlived close()"
@@ -108,3 +121,33 @@ def test_server_killed_mid_rollout_is_a_clear_error_or_restarted(tiny_path):
     finally:
         engine.close()
     assert not _group_alive(engine.process.pid)
+
+
+CHILD = """
+import sys, time
+from transformers import AutoTokenizer
+from rollouts.vllm_server import VLLMServerEngine
+engine = VLLMServerEngine(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[1]))
+print(engine.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_no_orphan_server_when_the_trainer_is_interrupted_or_killed(tiny_path, signum):
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tiny_path], stdout=subprocess.PIPE, text=True
+    )
+    server_pid = int(child.stdout.readline())
+    assert _group_alive(server_pid)
+    child.send_signal(signum)
+    child.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while _group_alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(server_pid), f"server group {server_pid} outlived its trainer"
