@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from posttrain.config.schema import RolloutConfig
-from rollouts import RolloutEngine
+from rollouts import RolloutEngine, create_engine
 
 
 def engine_name(cfg: RolloutConfig) -> str:
@@ -23,34 +23,27 @@ def build_engine(
 ) -> RolloutEngine:
     """`model_path` holds the weights `model` starts from (vLLM engines load it themselves)."""
     name = engine_name(cfg)
-    vllm_dtype = dtype if cfg.dtype == "auto" else cfg.dtype
     if name == "hf":
-        from rollouts.hf import HFEngine
-
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+        return create_engine("hf", model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    shared = {
+        "dtype": dtype if cfg.dtype == "auto" else cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "seed": seed,
+    }
     if name == "vllm":
-        from rollouts.vllm_engine import VLLMEngine, VLLMOptions
+        from rollouts.vllm_engine import VLLMOptions
 
-        options = VLLMOptions(
-            dtype=vllm_dtype,
-            max_model_len=cfg.max_model_len,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            sleep_mode=cfg.sleep_mode,
-            seed=seed,
+        options = VLLMOptions(sleep_mode=cfg.sleep_mode, **shared)
+    else:
+        from rollouts.vllm_server import ServerOptions
+
+        options = ServerOptions(
+            url=cfg.server_url,
+            request_timeout=cfg.request_timeout,
+            restarts=cfg.server_restarts,
+            weights_dir=cfg.server_weights_dir,
+            **shared,
         )
-        return VLLMEngine(model_path, tokenizer, options)
-    from rollouts.vllm_server import ServerOptions, VLLMServerEngine
-
-    options = ServerOptions(
-        url=cfg.server_url,
-        dtype=vllm_dtype,
-        max_model_len=cfg.max_model_len,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        seed=seed,
-        request_timeout=cfg.request_timeout,
-        restarts=cfg.server_restarts,
-        weights_dir=cfg.server_weights_dir,
-    )
-    return VLLMServerEngine(model_path, tokenizer, options)
+    return create_engine(name, model_path=model_path, tokenizer=tokenizer, options=options)

@@ -23,7 +23,7 @@ from posttrain.reward_setup import reward_columns
 from posttrain.sync import SyncError
 from posttrain.tracking import StageTracker
 from rewards import Rubric
-from rollouts import Group, RolloutEngine, SamplingParams
+from rollouts import Group, RolloutEngine, Sample, SamplingParams
 
 
 class Algorithm(Protocol):
@@ -79,7 +79,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
             )
         with timer("prepare"):
             prepared = p.algorithm.prepare(groups, scores.total)
-        metrics = {**scores.metrics(prefix="train/reward"), **_rollout_metrics(groups)}
+        metrics = {**scores.metrics(prefix="train/reward"), **_rollout_metrics(samples)}
         metrics.update(prepared.metrics)
         p.engine.sleep()
         with timer("update"):
@@ -127,8 +127,7 @@ class Timer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
-    samples = [s for g in groups for s in g.samples]
+def _rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     lengths = [len(s.completion_ids) for s in samples]
     return {
         "rollout/completion_length": sum(lengths) / len(lengths),

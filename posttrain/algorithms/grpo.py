@@ -6,6 +6,7 @@ config says so); `loss` is the per-micro-batch loss the learner calls.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def make_batch(
     batch = GRPOBatch(ids, attention, mask, advantages_B, None, None, len(samples), int(mask.sum()))
     old = _logprobs(policy, batch, micro_batch_size) if cfg.epochs > 1 else None
     ref = _logprobs(reference, batch, micro_batch_size) if cfg.beta != 0 else None
-    batch = GRPOBatch(**{**batch.__dict__, "old_logprobs_BT": old, "ref_logprobs_BT": ref})
+    batch = dataclasses.replace(batch, old_logprobs_BT=old, ref_logprobs_BT=ref)
     metrics["grpo/advantage_abs_mean"] = advantages_B.abs().mean().item()
     return Prepared(batch, shown, metrics)
 
