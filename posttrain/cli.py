@@ -1,4 +1,9 @@
-"""Command line: `posttrain run CONFIG.yaml [key.sub=value ...]` (also `python -m posttrain`)."""
+"""Command line (also `python -m posttrain`).
+
+posttrain run CONFIG.yaml [key.sub=value ...] [--overwrite]
+posttrain rewards list
+posttrain rewards score --config R.yaml --input in.jsonl --output out.jsonl
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+
+from posttrain import rewards_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +27,31 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="key.sub=value overrides, e.g. stages.1.rollout.n=4"
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    rewards_cli.add_commands(commands)
     # Overrides may come before or after options: collect the stray ones too.
     args, extra = parser.parse_known_args(argv)
+    if args.command == "rewards":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _guarded(rewards_cli.run, args)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     return _run(args)
+
+
+def _guarded(command, args: argparse.Namespace) -> int:
+    """Run a command; errors the user must fix print as one message and exit with 2."""
+    from posttrain.config.load import ConfigError
+    from posttrain.data.load import DataError
+    from rewards import RewardError, RewardLookupError
+
+    try:
+        return command(args)
+    except (ConfigError, DataError, RewardLookupError, RewardError, TypeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.config.schema import RewardSpec
+from posttrain.config.schema import RewardErrorPolicy, RewardSpec
 from rewards import RewardTerm, Rubric, resolve_reward
 
 NOT_PASSED = ("prompt", "completion")  # as TRL: these columns are not reward keywords
@@ -16,14 +16,27 @@ def reward_columns(rows: list[dict]) -> dict[str, list]:
     return {k: [row.get(k) for row in rows] for k in keys}
 
 
-def build_rubric(specs: list[RewardSpec], columns: list[str], base_dir: Path | None) -> Rubric:
+def build_rubric(
+    specs: list[RewardSpec],
+    columns: list[str],
+    base_dir: Path | None,
+    policy: RewardErrorPolicy | None = None,
+) -> Rubric:
+    """Resolve and build every reward; a name, option, column or gate error fails here."""
     terms = []
     for spec in specs:
-        fn = resolve_reward(spec.name, base_dir)
-        terms.append(RewardTerm(_short_name(spec.name), fn, spec.weight))
-    return Rubric(terms, columns=[c for c in columns if c not in NOT_PASSED])
+        fn = resolve_reward(spec.name, base_dir, spec.args)
+        label = spec.label or short_name(spec.name)
+        terms.append(RewardTerm(label, fn, spec.weight, spec.gate, spec.gate_min, spec.timeout))
+    policy = policy or RewardErrorPolicy(on_error="raise")
+    return Rubric(
+        terms,
+        columns=[c for c in columns if c not in NOT_PASSED],
+        on_error=policy.on_error,
+        max_error_rate=policy.max_error_rate,
+    )
 
 
-def _short_name(name: str) -> str:
+def short_name(name: str) -> str:
     """`./r.py:brevity` -> `brevity`; `pkg.mod:fn` -> `fn`; built-ins stay as they are."""
     return name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if (":" in name or "." in name) else name

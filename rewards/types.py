@@ -20,3 +20,13 @@ class Scored:
 
     score: float | None
     feedback: str = ""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One sample a reward could not score (returned by `per_sample` rewards that raise).
+
+    The rubric treats it by its error policy: raise, or count under `reward/<name>/errors`.
+    """
+
+    error: str

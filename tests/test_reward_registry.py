@@ -114,7 +114,7 @@ def test_unknown_name_without_close_match_lists_builtins():
     with pytest.raises(RewardLookupError) as info:
         resolve_reward("zzz")
     assert "did you mean" not in str(info.value)
-    assert "Built-in rewards: exact_answer" in str(info.value)
+    assert "Built-in rewards: code_tests, exact_answer, format_regex" in str(info.value)
     assert isinstance(info.value, ValueError)
 
 
@@ -274,11 +274,21 @@ def test_trl_accuracy_reward_signature_is_checked():
     Rubric([RewardTerm("accuracy", fn)], columns=["solution"])
 
 
-def test_trl_factory_is_not_a_reward():
+def test_trl_factory_needs_its_options():
     # get_soft_overlong_punishment(max_completion_len, soft_punish_cache) builds a reward
-    fn = resolve_reward("trl.rewards:get_soft_overlong_punishment")
-    with pytest.raises(TypeError, match="'overlong'.*lacks"):
-        Rubric([RewardTerm("overlong", fn)])
+    with pytest.raises(RewardLookupError, match=r"needs option\(s\) \['max_completion_len', "):
+        resolve_reward("trl.rewards:get_soft_overlong_punishment")
+
+
+def test_trl_factory_is_built_with_its_options():
+    fn = resolve_reward(
+        "trl.rewards:get_soft_overlong_punishment",
+        args={"max_completion_len": 4, "soft_punish_cache": 2},
+    )
+    scores = Rubric([RewardTerm("overlong", fn)]).score(
+        ["p"] * 3, ["a", "b", "c"], completion_ids=[[1], [1, 2, 3], [1] * 5]
+    )
+    assert scores.components["overlong"] == [0.0, -0.5, -1.0]
 
 
 @pytest.mark.skipif(

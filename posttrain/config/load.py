@@ -40,11 +40,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_config(data, source=str(path))
 
 
-def validate_config(data: dict, source: str = "<config>") -> PipelineConfig:
+def validate_config(
+    data: dict, source: str = "<config>", schema: type[BaseModel] = PipelineConfig
+) -> Any:
+    """Validate `data` against `schema` (default: a pipeline), explaining every error."""
     try:
-        return PipelineConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
-        lines = [_describe(e, data) for e in err.errors()]
+        lines = [_describe(e, data, schema) for e in err.errors()]
         count = f"{len(lines)} error{'s' if len(lines) > 1 else ''}"
         raise ConfigError(f"{source}: {count}\n" + "\n".join(f"  {ln}" for ln in lines)) from None
 
@@ -94,12 +97,12 @@ def dump_config(config: PipelineConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
-def _describe(error: dict, data: dict) -> str:
+def _describe(error: dict, data: dict, schema: type[BaseModel]) -> str:
     loc = error["loc"]
     kind = error["type"]
     path = _key_path(loc)
     if kind == "extra_forbidden":
-        valid = _valid_keys(loc[:-1], data)
+        valid = _valid_keys(loc[:-1], data, schema)
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{path}: unknown key{hint} (valid keys here: {', '.join(valid)})"
@@ -127,8 +130,8 @@ def _key_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _valid_keys(loc: tuple, data: dict) -> list[str]:
-    model: type[BaseModel] | None = PipelineConfig
+def _valid_keys(loc: tuple, data: dict, schema: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] | None = schema
     node: Any = data
     for i, part in enumerate(loc):
         if isinstance(part, int):

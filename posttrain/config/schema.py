@@ -6,7 +6,7 @@ algorithm with `algo`. Unknown keys are errors (see `posttrain.config.load` for 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,9 +61,37 @@ class DataConfig(Strict):
 
 class RewardSpec(Strict):
     name: str
-    """Built-in name, `package.module:function`, or `./file.py:function`."""
+    """Built-in name (`posttrain rewards list`), plugin name, `package.module:function`, or
+    `./file.py:function`."""
     weight: float = 1.0
     """Weight in the total; 0 logs the reward as a metric without training on it."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Options of the reward (a built-in's or factory's keyword arguments)."""
+    label: str | None = None
+    """Name in metrics (`reward/<label>`) and gates; default: the function's short name."""
+    gate: str | None = None
+    """Score this reward only where the reward with this label reached `gate_min` (elsewhere
+    it does not apply), e.g. a judge that counts only for verified answers."""
+    gate_min: float = 1.0
+    timeout: float | None = Field(None, gt=0)
+    """Seconds one scoring call may take before it counts as failed; None = no limit."""
+
+
+class RewardErrorPolicy(Strict):
+    on_error: Literal["raise", "count"] = "count"
+    """`raise`: the first failing reward stops the run; `count`: failed samples are left out
+    of the total and counted in `reward/<name>/errors`, up to `max_error_rate`."""
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    """Stop once a reward has failed on more than this fraction of the samples it has seen."""
+
+
+class RewardsFile(Strict):
+    """A rewards-only YAML for `posttrain rewards score` (a pipeline YAML works too)."""
+
+    rewards: list[RewardSpec] = Field(min_length=1)
+    reward_errors: RewardErrorPolicy = Field(
+        default_factory=lambda: RewardErrorPolicy(on_error="raise")
+    )
 
 
 class OptimConfig(Strict):
@@ -181,6 +209,7 @@ class GRPOStage(Strict):
     """Generate-score-update rounds."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardSpec]
+    reward_errors: RewardErrorPolicy = Field(default_factory=RewardErrorPolicy)
     grpo: GRPOParams = Field(default_factory=GRPOParams)
     train: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -60,7 +60,7 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
     if stage.grpo.beta != 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     rows = load_rows(stage.data, need=("prompt|messages",))
-    rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir)
+    rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir, stage.reward_errors)
     evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
     r = stage.rollout
     model_path = resolve_model_path(ctx.input_model, cfg.run.seed)
