@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -41,12 +41,35 @@ class GRPOBatch:
     num_tokens: int
 
 
-Batch = TypeVar("Batch", SFTBatch, GRPOBatch)
+@dataclass(frozen=True)
+class PairBatch:
+    """Preference pairs (P of them); chosen and rejected sequences are padded separately."""
+
+    chosen_ids_PT: Tensor
+    chosen_attention_PT: Tensor
+    chosen_mask_PT: Tensor
+    """1 on the chosen response's tokens."""
+    rejected_ids_PT: Tensor
+    rejected_attention_PT: Tensor
+    rejected_mask_PT: Tensor
+    ref_chosen_P: Tensor | None
+    """Summed reference logprobs of the chosen response; None when reference-free."""
+    ref_rejected_P: Tensor | None
+    num_pairs: int
+
+
+Batch = TypeVar("Batch", SFTBatch, GRPOBatch, PairBatch)
+
+
+def num_rows(batch: Any) -> int:
+    """Rows of a batch: dim 0 of its first tensor."""
+    first = next(f for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), Tensor))
+    return getattr(batch, first.name).shape[0]
 
 
 def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
     """Slices of `size` rows; tensors are cut along dim 0, counts stay whole-batch."""
-    rows = batch.input_ids_BT.shape[0]
+    rows = num_rows(batch)
     for start in range(0, rows, size):
         yield take_rows(batch, slice(start, start + size))
 

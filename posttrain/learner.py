@@ -1,9 +1,12 @@
 """One optimizer step, the same for every algorithm.
 
-`Learner.update(batch, loss_fn)` splits the batch into micro-batches, computes per-token
-logprobs of each, asks `loss_fn(logprobs_BT, micro)` for a loss normalised by whole-batch
-counts, back-propagates, clips the gradient norm and steps AdamW and the LR schedule. It knows
-nothing about the algorithm.
+`Learner.update(batch, loss_fn, forward)` splits the batch into micro-batches, runs
+`forward(model, micro)` on each (default: per-token logprobs of `micro.input_ids_BT`; DPO runs
+chosen and rejected together, PPO adds the critic's values), asks `loss_fn(outputs, micro)` for
+a loss normalised by whole-batch counts, back-propagates, clips the gradient norm and steps
+AdamW and the LR schedule. It knows nothing about the algorithm.
+
+Test: `pytest tests/test_learner.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +23,13 @@ from posttrain.batch import micro_batches
 from posttrain.config.schema import OptimConfig
 from posttrain.logprobs import token_logprobs
 
-LossFn = Callable[[Tensor, object], tuple[Tensor, dict[str, Tensor]]]
+LossFn = Callable[[Any, Any], tuple[Tensor, dict[str, Tensor]]]
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def logprobs_forward(model: nn.Module, micro: Any) -> Tensor:
+    """The default forward: per-token logprobs of `micro.input_ids_BT` (see `logprobs.py`)."""
+    return token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
 
 
 class NonFiniteError(FloatingPointError):
@@ -39,13 +49,14 @@ class Learner:
         )
         self.step = 0
 
-    def update(self, batch, loss_fn: LossFn) -> dict[str, float]:
+    def update(
+        self, batch: Any, loss_fn: LossFn, forward: Forward = logprobs_forward
+    ) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = defaultdict(float)
         for micro in micro_batches(batch, self.cfg.micro_batch_size):
-            logprobs = token_logprobs(self.model, micro.input_ids_BT, micro.attention_mask_BT)
-            loss, metrics = loss_fn(logprobs, micro)
+            loss, metrics = loss_fn(forward(self.model, micro), micro)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"loss is {loss.item()} at optimizer step {self.step + 1}")
             loss.backward()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from posttrain.config.load import dump_config
 from posttrain.config.schema import PipelineConfig
-from posttrain.stages import grpo, sft
+from posttrain.stages import dpo, grpo, sft
 from posttrain.stages.context import StageContext
 from posttrain.tracking import open_stage_tracker
 
-RUNNERS = {"sft": sft.run, "grpo": grpo.run}
+RUNNERS = {"sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}
 
 
 class RunFolderError(FileExistsError):

@@ -9,7 +9,7 @@ from typing import Any
 class PromptSampler:
     def __init__(self, rows: list[dict[str, Any]], batch_size: int, seed: int) -> None:
         if batch_size > len(rows):
-            raise ValueError(f"prompts_per_iteration={batch_size} exceeds the {len(rows)} prompts")
+            raise ValueError(f"a batch of {batch_size} exceeds the {len(rows)} rows of the data")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.position = 0, 0
         self._order = self._shuffled(0)

@@ -25,7 +25,7 @@ from posttrain.config import (
     load_config,
     validate_config,
 )
-from posttrain.config.schema import RolloutConfig
+from posttrain.config.schema import ALGOS, RolloutConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,8 @@ def test_unknown_algo_suggests_the_closest(tmp_path):
     message, path = load_error(tmp_path, data)
     assert message.startswith(f"{path}: 1 error")
     assert (
-        "stages.1.algo: unknown algorithm 'grpoo'; did you mean 'grpo'? (expected one of sft, grpo)"
+        "stages.1.algo: unknown algorithm 'grpoo'; did you mean 'grpo'? "
+        f"(expected one of {', '.join(ALGOS)})"
     ) in message
 
 
@@ -136,7 +137,7 @@ def test_missing_algo_lists_the_algorithms(tmp_path):
     data = base()
     del data["stages"][0]["algo"]
     message, _ = load_error(tmp_path, data)
-    assert "stages.0.algo: missing; expected one of sft, grpo" in message
+    assert f"stages.0.algo: missing; expected one of {', '.join(ALGOS)}" in message
 
 
 def test_every_error_is_listed_and_counted(tmp_path):

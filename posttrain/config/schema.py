@@ -192,6 +192,30 @@ class GRPOParams(Strict):
     """Optimisation passes over each batch; > 1 uses stored old logprobs and clipping."""
 
 
+class DPOParams(Strict):
+    beta: float = Field(0.1, gt=0)
+    """Inverse temperature of the implicit reward (DPO eq. 7)."""
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """`sigmoid`: DPO; `ipo`: IPO (Azar et al.); `simpo`: reference-free, length-normalised."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed rate of flipped labels (conservative DPO); sigmoid and simpo only."""
+    rpo_alpha: float = Field(0.0, ge=0.0)
+    """Weight of the chosen response's per-token NLL added to the loss (RPO); 0 = off."""
+    simpo_gamma: float = 0.0
+    """Target reward margin of SimPO."""
+    reference: Literal["input", "none"] = "input"
+    """`input`: the stage's input model (with LoRA: the base with the adapter disabled), its
+    logprobs computed once before training; `none`: reference-free (required by simpo)."""
+
+    @model_validator(mode="after")
+    def _simpo_is_reference_free(self) -> DPOParams:
+        if self.loss_type == "simpo" and self.reference != "none":
+            raise ValueError("loss_type simpo is reference-free: set reference: none")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to sigmoid and simpo, not ipo")
+        return self
+
+
 class SFTStage(Strict):
     name: str
     algo: Literal["sft"]
@@ -221,8 +245,21 @@ class GRPOStage(Strict):
         return self
 
 
-Stage = Annotated[SFTStage | GRPOStage, Field(discriminator="algo")]
-ALGOS = {"sft": SFTStage, "grpo": GRPOStage}
+class DPOStage(Strict):
+    name: str
+    algo: Literal["dpo"]
+    data: DataConfig
+    """Preference pairs: `prompt`, `chosen`, `rejected` (plain or conversational)."""
+    dpo: DPOParams = Field(default_factory=DPOParams)
+    train: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(lr=5e-6))
+    """`batch_size` counts pairs; `max_length` bounds prompt + the longer response."""
+    eval_pairs: DataConfig | None = None
+    """Held-out pairs: logs how often the policy (and its implicit reward) prefers `chosen`."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+Stage = Annotated[SFTStage | DPOStage | GRPOStage, Field(discriminator="algo")]
+ALGOS = {"sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage}
 
 
 class PipelineConfig(Strict):

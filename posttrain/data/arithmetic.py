@@ -21,3 +21,23 @@ def arithmetic_rows(split: str) -> list[dict[str, str]]:
     return [
         {"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": str(a + b)} for a, b in chosen
     ]
+
+
+def arithmetic_pair_rows(split: str) -> list[dict[str, str]]:
+    """`builtin://arithmetic_pairs`: the same problems as preference pairs.
+
+    `chosen` is the correct sum; `rejected` a near miss (off by 1 to 10, or the digits
+    reversed), the kind of answer a half-trained model gives, seeded per problem.
+    """
+    pairs = []
+    for row in arithmetic_rows(split):
+        truth = int(row["answer"])
+        rng = random.Random(f"{SPLIT_SEED}-{row['prompt']}")
+        wrong = truth
+        while wrong == truth or wrong < 0:
+            flipped = int(str(truth)[::-1])
+            wrong = (
+                flipped if rng.random() < 0.2 else truth + rng.choice([-1, 1]) * rng.randint(1, 10)
+            )
+        pairs.append({**row, "chosen": row["answer"], "rejected": str(wrong)})
+    return pairs

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.schema import DataConfig
-from posttrain.data.arithmetic import arithmetic_rows
+from posttrain.data.arithmetic import arithmetic_pair_rows, arithmetic_rows
 
-BUILTIN = {"arithmetic": arithmetic_rows}
+BUILTIN = {"arithmetic": arithmetic_rows, "arithmetic_pairs": arithmetic_pair_rows}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
