@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from rollouts.types import Group, Sample, SamplingParams
+from rollouts.weights import export_state_dict
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ class VLLMEngine:
 
     def load_weights(self, source: Any, version: int) -> None:
         self._wake()
-        state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+        state = export_state_dict(source)  # LoRA policies: merged weights
         weights = [(name, tensor.detach()) for name, tensor in state.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from rollouts.types import Group, Sample, SamplingParams
+from rollouts.weights import export_state_dict
 
 _LIVE: set[VLLMServerEngine] = set()
 
@@ -313,7 +313,7 @@ def _checkpoint_tensors(source: Any) -> dict[str, torch.Tensor]:
     safetensors refuses tensors that share memory, and vLLM's in-place reload needs every name:
     leaving out `lm_head.weight` of a tied model left the layers stale (the probe caught it).
     """
-    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    state = export_state_dict(source)  # LoRA policies: merged weights
     seen: set[int] = set()
     out = {}
     for name, tensor in state.items():

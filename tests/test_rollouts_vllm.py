@@ -117,3 +117,19 @@ stages:
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(x["sync/logprob_max_abs_diff"] < 1e-4 for x in lines)
     assert all(x["sync/seconds"] > 0 for x in lines)
+
+
+def test_lora_policy_syncs_merged_weights(engine, tiny_path):
+    from posttrain.config.schema import LoraSpec
+
+    model, tokenizer = load_policy(tiny_path, "float32", "cpu", lora=LoraSpec(r=4))
+    with torch.no_grad():  # a non-zero adapter (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    engine.load_weights(model, version=3)
+    groups = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=1))
+    sequences = [s.prompt_ids + s.completion_ids for g in groups for s in g.samples]
+    assert probe_logprob_diff(engine, model, sequences, tokenizer.pad_token_id) < 1e-4
+    with model.disable_adapter():  # the base alone is not what the engine serves
+        assert probe_logprob_diff(engine, model, sequences, tokenizer.pad_token_id) > 1e-2

@@ -28,13 +28,33 @@ class RunConfig(Strict):
         return self.output_dir or f"runs/{self.name}"
 
 
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1)
+    """Rank of the adapter matrices."""
+    alpha: float = 32.0
+    """Scale numerator: updates are scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]); `all-linear`: every linear layer but the
+    output head."""
+    merge: bool = True
+    """At the end of each stage, save the adapter merged into the weights (a plain model the next
+    stage and vLLM load; the next stage gets a new adapter and its reference is this stage's
+    output); False saves the adapter alone (PEFT format), the next stage keeps training it, and
+    every stage's reference is the original base model."""
+
+
 class ModelConfig(Strict):
     path: str = "tiny://arithmetic"
-    """`tiny://<preset>` (built locally, cached), a Hugging Face model id, or a local folder."""
+    """`tiny://<preset>` (built locally, cached), a Hugging Face model id, or a local folder
+    (a full model, or a PEFT adapter folder whose base model is reachable)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the policy is trained in."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    lora: LoraSpec | None = None
+    """Train a LoRA adapter instead of all weights (every stage); the reference model is the
+    base with the adapter disabled, so no second copy is kept."""
 
 
 class TrackingConfig(Strict):
@@ -177,19 +197,48 @@ class SFTTrainConfig(OptimConfig):
 class GRPOParams(Strict):
     prompts_per_iteration: int = 16
     """Prompts drawn per iteration; the batch is `prompts_per_iteration * rollout.n` samples."""
+    advantage: Literal["group", "rloo"] = "group"
+    """`group`: reward minus the group mean, divided by the group std when `scale_rewards`
+    (DeepSeekMath sec. 4.1.2); `rloo`: reward minus the mean of the group's other samples
+    (RLOO, Ahmadian et al. 2024), not std-scaled, so it needs `scale_rewards: false`."""
     beta: float = 0.0
-    """KL coefficient towards the reference model (k3 estimator); 0 = no reference."""
+    """KL coefficient towards the reference model (estimator: `kl_estimator`); 0 = no reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimate (Schulman 2020): `k3` (DeepSeekMath eq. 4), `k1` (the log-ratio),
+    `k2` (half the squared log-ratio)."""
     clip_eps: float = 0.2
-    """PPO clip range epsilon (DeepSeekMath eq. 3)."""
+    """PPO clip range epsilon (DeepSeekMath eq. 3); the lower one when `clip_eps_high` is set."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """Upper clip range (DAPO sec. 3.1 clip-higher, e.g. 0.28); None = `clip_eps`."""
     scale_rewards: bool = True
-    """Divide advantages by the group's reward std (GRPO); False keeps the mean-centred reward."""
-    zero_variance_groups: Literal["keep", "drop"] = "drop"
-    """Groups whose samples all score the same carry no signal: drop them from the update."""
-    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """Divide advantages by the group's reward std (GRPO); False keeps the mean-centred reward
+    (Dr. GRPO, Liu et al. 2025, sec. 3.2)."""
+    zero_variance_groups: Literal["keep", "drop", "refill"] = "drop"
+    """Groups whose samples all score the same carry no signal. `keep` them; `drop` them from
+    the update; `refill` (DAPO sec. 3.2 dynamic sampling): drop them and draw more prompts, up to
+    `max_refill_rounds` extra generation rounds, until `prompts_per_iteration` groups with
+    signal are found (groups past that number are left out)."""
+    max_refill_rounds: int = Field(4, ge=1)
+    """`refill`: extra generation rounds allowed per iteration; when they run out, the update
+    uses the groups with signal found so far."""
+    overlong_filter: bool = False
+    """Leave truncated samples (stopped by `rollout.max_new_tokens`) out of the loss (DAPO
+    sec. 3.4, overlong filtering); they still count in their group's advantage baseline."""
+    loss_aggregation: Literal["sequence", "token", "constant"] = "sequence"
     """`sequence`: mean over each completion's tokens, then over completions (GRPO paper);
-    `token`: mean over all completion tokens of the batch (DAPO)."""
+    `token`: mean over all completion tokens of the batch (DAPO sec. 3.3); `constant`: sum over
+    tokens divided by completions * `rollout.max_new_tokens` (Dr. GRPO sec. 3.2)."""
     epochs: int = Field(1, ge=1)
     """Optimisation passes over each batch; > 1 uses stored old logprobs and clipping."""
+
+    @model_validator(mode="after")
+    def _rloo_is_not_std_scaled(self) -> GRPOParams:
+        if self.advantage == "rloo" and self.scale_rewards:
+            raise ValueError(
+                "advantage rloo uses the leave-one-out baseline without std scaling: "
+                "set scale_rewards: false"
+            )
+        return self
 
 
 class DPOParams(Strict):
@@ -213,6 +262,37 @@ class DPOParams(Strict):
             raise ValueError("loss_type simpo is reference-free: set reference: none")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to sigmoid and simpo, not ipo")
+        return self
+
+
+class OnlineDPOParams(Strict):
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per iteration; each gives at most one (best, worst) pair."""
+    min_margin: float = Field(0.0, ge=0.0)
+    """Drop pairs whose reward margin (best minus worst) is below this; ties always drop."""
+    ref_refresh_every: int = Field(0, ge=0)
+    """Copy the current policy into the reference every this many iterations (the rounds of
+    iterative DPO); 0 = the reference stays the stage's input model."""
+    epochs: int = Field(1, ge=1)
+    """Optimizer steps over each iteration's pairs."""
+
+
+class RFTParams(Strict):
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per iteration."""
+    top_k: int | None = Field(1, ge=1)
+    """Keep at most this many distinct completions per prompt, best first; None = no limit."""
+    threshold: float | None = None
+    """Keep only completions whose reward total is >= this (a verifier pass); None = any."""
+    epochs: int = Field(1, ge=1)
+    """Optimizer steps over each iteration's kept set."""
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> RFTParams:
+        if self.top_k is None and self.threshold is None:
+            raise ValueError(
+                "top_k: null and threshold: null keep every sample; set top_k, threshold or both"
+            )
         return self
 
 
@@ -242,6 +322,8 @@ class GRPOStage(Strict):
     def _needs_rewards(self) -> GRPOStage:
         if not self.rewards:
             raise ValueError("a grpo stage needs at least one reward in `rewards`")
+        if self.grpo.advantage == "rloo" and self.rollout.n < 2:
+            raise ValueError("grpo.advantage rloo needs rollout.n >= 2 samples per prompt")
         return self
 
 
@@ -258,8 +340,71 @@ class DPOStage(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
-Stage = Annotated[SFTStage | DPOStage | GRPOStage, Field(discriminator="algo")]
-ALGOS = {"sft": SFTStage, "dpo": DPOStage, "grpo": GRPOStage}
+class OnlineDPOStage(Strict):
+    """Online / iterative DPO: each iteration samples `rollout.n` completions per prompt from
+    the current policy, scores them with `rewards`, pairs the best with the worst and takes DPO
+    steps; the reference is the stage's input model (refreshed per `online_dpo`)."""
+
+    name: str
+    algo: Literal["online_dpo"]
+    data: DataConfig
+    """Training prompts (with the columns the rewards need)."""
+    iterations: int = Field(100, ge=1)
+    """Generate-score-pair-update rounds."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec]
+    reward_errors: RewardErrorPolicy = Field(default_factory=RewardErrorPolicy)
+    online_dpo: OnlineDPOParams = Field(default_factory=OnlineDPOParams)
+    dpo: DPOParams = Field(default_factory=DPOParams)
+    """The DPO loss; `reference: input` uses reference logprobs computed each iteration."""
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> OnlineDPOStage:
+        if not self.rewards:
+            raise ValueError("an online_dpo stage needs at least one reward in `rewards`")
+        if self.rollout.n < 2:
+            raise ValueError("online_dpo pairs completions: rollout.n must be >= 2")
+        if self.online_dpo.ref_refresh_every and self.dpo.reference == "none":
+            raise ValueError("online_dpo.ref_refresh_every needs dpo.reference: input")
+        return self
+
+
+class RFTStage(Strict):
+    """Rejection-sampling fine-tuning (RAFT): each iteration samples `rollout.n` completions per
+    prompt, keeps the best distinct ones (`rft`) and takes SFT steps on them."""
+
+    name: str
+    algo: Literal["rft"]
+    data: DataConfig
+    """Training prompts (with the columns the rewards need)."""
+    iterations: int = Field(100, ge=1)
+    """Generate-score-select-update rounds."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec]
+    reward_errors: RewardErrorPolicy = Field(default_factory=RewardErrorPolicy)
+    rft: RFTParams = Field(default_factory=RFTParams)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _needs_rewards(self) -> RFTStage:
+        if not self.rewards:
+            raise ValueError("an rft stage needs at least one reward in `rewards`")
+        return self
+
+
+Stage = Annotated[
+    SFTStage | DPOStage | GRPOStage | OnlineDPOStage | RFTStage, Field(discriminator="algo")
+]
+ALGOS = {
+    "sft": SFTStage,
+    "dpo": DPOStage,
+    "grpo": GRPOStage,
+    "online_dpo": OnlineDPOStage,
+    "rft": RFTStage,
+}
 
 
 class PipelineConfig(Strict):

@@ -12,7 +12,6 @@ Test: `pytest tests/test_dpo_stage.py`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from functools import partial
@@ -27,6 +26,7 @@ from posttrain.data.pairs import EncodedPair, encode_pair
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
+from posttrain.models.lora import reference_mode, save_policy
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from rollouts.hf import HFEngine
@@ -35,7 +35,9 @@ from rollouts.hf import HFEngine
 def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(ctx.seed)
     cfg, train = ctx.config, stage.train
-    model, tokenizer = load_policy(ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed)
+    model, tokenizer = load_policy(
+        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
+    )
     pad, micro = tokenizer.pad_token_id, train.micro_batch_size
     pairs = encode_pairs(stage.data, tokenizer, train.max_length)
     held_out = (
@@ -43,7 +45,7 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
     )
     refs = held_out_refs = None
     if stage.dpo.reference == "input":
-        with reference_mode(model):
+        with reference_mode(model):  # LoRA: the adapter is disabled
             refs = pair_logps(model, pairs, pad, micro)
             held_out_refs = pair_logps(model, held_out, pad, micro) if held_out else None
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(pairs) / train.batch_size))
@@ -75,8 +77,7 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
                 metrics.update(results)
                 progress.write(f"[{stage.name}] step {step}: " + brief(results))
         ctx.tracker.log(metrics, step)
-    model.save_pretrained(ctx.output_model)
-    tokenizer.save_pretrained(ctx.output_model)
+    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
 
 
@@ -120,9 +121,3 @@ def pair_metrics(
         out["eval/reward_accuracy"] = (margin > 0).float().mean().item()
         out["eval/reward_margin"] = margin.mean().item()
     return out
-
-
-def reference_mode(model):
-    """The reference is the input model: with a LoRA adapter, the base with it disabled."""
-    disable = getattr(model, "disable_adapter", None)
-    return disable() if disable is not None else contextlib.nullcontext()

@@ -15,6 +15,7 @@ from posttrain.data.load import DataError, load_rows
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
+from posttrain.models.lora import save_policy
 from posttrain.stages.context import StageContext, build_evaluator
 from rollouts.hf import HFEngine
 
@@ -22,7 +23,9 @@ from rollouts.hf import HFEngine
 def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(ctx.seed)
     cfg = ctx.config
-    model, tokenizer = load_policy(ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed)
+    model, tokenizer = load_policy(
+        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
+    )
     rows = load_rows(stage.data, need=("prompt|messages",))
     examples = []
     for index, row in enumerate(rows):
@@ -54,8 +57,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
             metrics.update(final)
             progress.write(f"[{stage.name}] step {step}: " + brief(final))
         ctx.tracker.log(metrics, step)
-    model.save_pretrained(ctx.output_model)
-    tokenizer.save_pretrained(ctx.output_model)
+    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
 
 
