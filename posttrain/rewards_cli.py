@@ -65,7 +65,7 @@ def format_listing() -> str:
             lines.append(f"  {name:<20} {origin}: failed to load ({type(err).__name__}: {err})")
             continue
         doc = inspect.getdoc(target) or ""
-        summary = doc.splitlines()[0] if doc else ""
+        summary = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, one line
         lines.append(f"  {name:<20} {summary}")
         opts = [_format_option(p) for p in options(target)]
         if opts:
