@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from posttrain import rewards_cli
+from posttrain import plan, rewards_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     rewards_cli.add_commands(commands)
+    plan.add_commands(commands)
     # Overrides may come before or after options: collect the stray ones too.
     args, extra = parser.parse_known_args(argv)
     if args.command == "rewards":
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    if args.command == "plan":
+        return _guarded(plan.run, args)
     return _run(args)
 
 
@@ -49,7 +52,15 @@ def _guarded(command, args: argparse.Namespace) -> int:
 
     try:
         return command(args)
-    except (ConfigError, DataError, RewardLookupError, RewardError, TypeError, ValueError) as err:
+    except (
+        ConfigError,
+        DataError,
+        RewardLookupError,
+        RewardError,
+        FileNotFoundError,
+        TypeError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -80,6 +80,14 @@ def resolve_reward(
     return build(name, target, dict(args or {}))
 
 
+def check(name: str, base_dir: str | Path | None = None, args: Mapping | None = None) -> Callable:
+    """Find `name` and check `args` against its options without building it (no judge called,
+    no model loaded); return what `name` points to."""
+    target = find(name, base_dir)
+    _check_options(name, target, dict(args or {}), reward=is_reward(target))
+    return target
+
+
 def find(name: str, base_dir: str | Path | None = None) -> Callable:
     """The object `name` points to: a reward or a factory of rewards."""
     if name in BUILTIN:

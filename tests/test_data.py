@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ def test_builtin_through_load_rows():
 
 def test_unknown_builtin():
     message = load_error(DataConfig(source="builtin://arithmatic"))
-    assert message == "unknown built-in data 'builtin://arithmatic' (have: arithmetic)"
+    assert message == (
+        "unknown built-in data 'builtin://arithmatic' (have: arithmetic, arithmetic_pairs)"
+    )
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -397,3 +400,58 @@ def test_datasets_source_that_cannot_load_names_it(tmp_path):
     cfg = DataConfig(source=str(tmp_path / "no-such-dataset"), split="train")
     with pytest.raises(DataError, match="cannot load dataset"):
         load_rows(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt_format, chat, system
+
+
+def _one_row(tmp_path, row: dict, **options):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return load_rows(DataConfig(source=str(path), **options))[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "7+8="),
+        ({"prompt_format": "Q: {prompt} ({level})"}, "Q: 7+8= (easy)"),
+        ({"chat": True}, [{"role": "user", "content": "7+8="}]),
+        (
+            {"chat": True, "system": "Be brief.", "prompt_format": "{prompt}?"},
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7+8=?"}],
+        ),
+        ({"prompt_format": "{prompt} {{boxed}}"}, "7+8= {boxed}"),
+    ],
+)
+def test_prompt_shaping_table(tmp_path, options, expected):
+    row = _one_row(tmp_path, {"prompt": "7+8=", "level": "easy"}, **options)
+    assert row["prompt"] == expected
+    assert row["level"] == "easy"
+
+
+def test_prompt_format_after_column_mapping(tmp_path):
+    row = _one_row(
+        tmp_path, {"question": "2+2", "solution": "4"},
+        columns={"prompt": "question", "answer": "solution"},
+        prompt_format="Solve: {prompt}",
+    )  # fmt: skip
+    assert row == {"prompt": "Solve: 2+2", "answer": "4"}
+
+
+def test_chat_leaves_conversational_prompts_alone(tmp_path):
+    messages = [{"role": "user", "content": "hi"}]
+    assert _one_row(tmp_path, {"prompt": messages}, chat=True)["prompt"] == messages
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("{prompt} {nope}", "row 0: data.prompt_format names column 'nope'"),
+        ("{prompt} {", "data.prompt_format '{prompt} {' is invalid"),
+    ],
+)
+def test_bad_prompt_format_is_a_clear_error(tmp_path, fmt, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        _one_row(tmp_path, {"prompt": "7+8="}, prompt_format=fmt)

@@ -46,7 +46,29 @@ def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> list[dict
         rows = [_map_columns(row, cfg.columns) for row in rows]
     for index, row in enumerate(rows):
         _check_row(cfg.source, index, row, need)
+        _shape_prompt(cfg, index, row)
     return rows
+
+
+def _shape_prompt(cfg: DataConfig, index: int, row: dict[str, Any]) -> None:
+    """Apply `prompt_format`, then `chat` (text prompt -> [system], user message)."""
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        return
+    if cfg.prompt_format is not None:
+        try:
+            prompt = cfg.prompt_format.format(**row)
+        except KeyError as err:
+            raise DataError(
+                f"{cfg.source}: row {index}: data.prompt_format names column {err.args[0]!r}, "
+                f"which the row lacks (columns: {sorted(row)})"
+            ) from None
+        except (IndexError, ValueError) as err:
+            raise DataError(f"data.prompt_format {cfg.prompt_format!r} is invalid: {err}") from None
+    if cfg.chat:
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        prompt = [*system, {"role": "user", "content": prompt}]
+    row["prompt"] = prompt
 
 
 def _map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -71,9 +93,11 @@ def _read(cfg: DataConfig) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
     try:
-        return list(load_dataset(source, split=cfg.split))
+        return list(load_dataset(source, cfg.subset, split=cfg.split))
     except Exception as err:
-        raise DataError(f"cannot load dataset {source!r} split {cfg.split!r}: {err}") from err
+        raise DataError(
+            f"cannot load dataset {source!r} (subset {cfg.subset!r}) split {cfg.split!r}: {err}"
+        ) from err
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
