@@ -77,6 +77,16 @@ class DataConfig(Strict):
     """Map our column names (prompt, completion, messages, answer) to the source's names."""
     limit: int | None = None
     """Use at most this many rows (the first ones)."""
+    subset: str | None = None
+    """`datasets` configuration name (e.g. `main` for `openai/gsm8k`)."""
+    prompt_format: str | None = None
+    """Rewrite each text prompt with this Python format string over the row's columns, e.g.
+    `"{prompt}\nPut the final answer in \\boxed{{}}."`."""
+    chat: bool = False
+    """Send text prompts as one user message, so the tokenizer's chat template applies
+    (instruct models)."""
+    system: str | None = None
+    """With `chat`, a system message put before the user message."""
 
 
 class RewardSpec(Strict):
@@ -296,6 +306,54 @@ class RFTParams(Strict):
         return self
 
 
+class CriticConfig(Strict):
+    """The PPO value model V(s_t)."""
+
+    kind: Literal["head", "separate"] = "head"
+    """`head`: a linear value head on the policy's last hidden state (one forward gives logits
+    and values; the value loss also trains the shared body, as TRL's former PPOTrainer);
+    `separate`: its own transformer body plus a linear head, a one-label
+    `AutoModelForSequenceClassification` (as TRL's PPOTrainer and OpenRLHF)."""
+    lr: float | None = Field(None, gt=0)
+    """Learning rate of the critic's parameters (their own AdamW group; the schedule is the
+    policy's); None = `train.lr`."""
+    path: str | None = None
+    """`separate` only: initialise the critic from this model folder or id (e.g. a trained
+    reward model: `runs/<run>/<rm stage>/model`); None = the stage's input model."""
+
+    @model_validator(mode="after")
+    def _path_needs_separate(self) -> CriticConfig:
+        if self.path is not None and self.kind != "separate":
+            raise ValueError("critic.path initialises a separate critic: set kind: separate")
+        return self
+
+
+class PPOParams(Strict):
+    prompts_per_iteration: int = Field(16, ge=1)
+    """Prompts drawn per iteration; the batch is `prompts_per_iteration * rollout.n` samples."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Passes over each iteration's batch (Schulman et al. 2017, Alg. 1: K epochs)."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per pass: the batch is shuffled and split into this many minibatches."""
+    clip_eps: float = Field(0.2, gt=0)
+    """Policy ratio clip range epsilon (Schulman et al. 2017, eq. 7)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in `policy_loss + vf_coef * value_loss` (TRL's default)."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip range of the new values around the old ones in the value loss; None = unclipped."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of GAE (Schulman et al. 2016); 1 = undiscounted, as RLHF implementations."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 1 = Monte-Carlo returns minus values, 0 = one-step TD errors."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty towards the reference (the input model), folded into the rewards
+    (Ziegler et al. 2019, eq. 2); 0 = no reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate in the penalty (Schulman 2020); `k1` is the log-ratio (TRL)."""
+    whiten_advantages: bool = True
+    """Normalise the batch's advantages to mean 0, std 1 over completion tokens."""
+
+
 class SFTStage(Strict):
     name: str
     algo: Literal["sft"]
@@ -395,8 +453,73 @@ class RFTStage(Strict):
         return self
 
 
+class PPOStage(Strict):
+    """PPO with a critic (Ouyang et al. 2022): each iteration samples `rollout.n` completions
+    per prompt (1 = classic PPO), scores them with `rewards` (the score lands on the last
+    token), folds the per-token KL penalty into the rewards, runs GAE and takes
+    `ppo.ppo_epochs` x `ppo.minibatches` steps of the clipped policy and value losses. The
+    output model is the policy alone; the critic is saved to `<stage>/critic/`."""
+
+    name: str
+    algo: Literal["ppo"]
+    data: DataConfig
+    """Training prompts (with the columns the rewards need)."""
+    iterations: int = Field(100, ge=1)
+    """Generate-score-update rounds."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec]
+    reward_errors: RewardErrorPolicy = Field(default_factory=RewardErrorPolicy)
+    ppo: PPOParams = Field(default_factory=PPOParams)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    """The policy's optimizer (the critic shares it, at `critic.lr`)."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOStage:
+        if not self.rewards:
+            raise ValueError("a ppo stage needs at least one reward in `rewards`")
+        rows = self.ppo.prompts_per_iteration * self.rollout.n
+        if self.ppo.minibatches > rows:
+            raise ValueError(
+                f"ppo.minibatches={self.ppo.minibatches} exceeds the {rows} samples of an "
+                "iteration (ppo.prompts_per_iteration * rollout.n)"
+            )
+        return self
+
+
+class RMParams(Strict):
+    margin_column: str | None = None
+    """Column holding a per-pair margin m: the loss becomes -log sigmoid(r_c - r_r - m)
+    (Touvron et al. 2023, Llama 2, eq. 2); None = no margin."""
+    center_rewards_coefficient: float = Field(0.0, ge=0)
+    """Adds coef * mean((r_c + r_r)^2), keeping rewards centred on 0 (Eisenstein et al. 2023;
+    TRL's RewardTrainer option of this name); 0 = off."""
+
+
+class RMStage(Strict):
+    """Reward-model training: a one-label sequence-classification model (built from the
+    stage's input model) learns `r(chosen) > r(rejected)` with the Bradley-Terry loss
+    (Ouyang et al. 2022, eq. 1). Its output is a reward model for the `reward_model` reward,
+    not a policy: the next stage's input stays this stage's input."""
+
+    name: str
+    algo: Literal["rm"]
+    data: DataConfig
+    """Preference pairs: `prompt`, `chosen`, `rejected` (plain or conversational)."""
+    rm: RMParams = Field(default_factory=RMParams)
+    train: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(lr=5e-5))
+    """`batch_size` counts pairs; `max_length` bounds prompt + the longer response."""
+    eval_pairs: DataConfig | None = None
+    """Held-out pairs: `eval/pair_accuracy` (how often r(chosen) > r(rejected)) before
+    training, every `eval_every` steps and at the end."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate the held-out pairs every this many steps (0 = before and after training)."""
+
+
 Stage = Annotated[
-    SFTStage | DPOStage | GRPOStage | OnlineDPOStage | RFTStage, Field(discriminator="algo")
+    SFTStage | DPOStage | GRPOStage | OnlineDPOStage | RFTStage | PPOStage | RMStage,
+    Field(discriminator="algo"),
 ]
 ALGOS = {
     "sft": SFTStage,
@@ -404,6 +527,8 @@ ALGOS = {
     "grpo": GRPOStage,
     "online_dpo": OnlineDPOStage,
     "rft": RFTStage,
+    "ppo": PPOStage,
+    "rm": RMStage,
 }
 
 
