@@ -3,6 +3,7 @@
 posttrain run CONFIG.yaml [key.sub=value ...] [--overwrite]
 posttrain rewards list
 posttrain rewards score --config R.yaml --input in.jsonl --output out.jsonl
+posttrain report RUN_DIR [--output DIR]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from posttrain import plan, rewards_cli
+from posttrain import plan, report, rewards_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +28,20 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="key.sub=value overrides, e.g. stages.1.rollout.n=4"
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    run.add_argument(
+        "--restart-from", metavar="STAGE", help="redo this stage and the ones after it"
+    )
+    status = commands.add_parser("status", help="stages of a run folder: state and progress")
+    status.add_argument("run_dir", type=Path, help="run folder, e.g. runs/quickstart")
     rewards_cli.add_commands(commands)
     plan.add_commands(commands)
+    report.add_commands(commands)
     # Overrides may come before or after options: collect the stray ones too.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "rewards":
+    if args.command in ("rewards", "report"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _guarded(rewards_cli.run, args)
+        return _guarded(rewards_cli.run if args.command == "rewards" else report.run, args)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -65,18 +72,37 @@ def _guarded(command, args: argparse.Namespace) -> int:
         return 2
 
 
+def _status(args: argparse.Namespace) -> int:
+    from posttrain.resume import format_status, status
+
+    if not (args.run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run folder (no config.yaml)")
+    print(format_status(status(args.run_dir)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from posttrain.config.load import ConfigError, load_config
     from posttrain.data.load import DataError
     from posttrain.pipeline import RunFolderError, format_summary, run_pipeline
+    from posttrain.resume import StageChangedError
     from rewards import RewardLookupError
 
     # SIGTERM unwinds like Ctrl-C, so engines and servers are stopped by their `finally`s.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = run_pipeline(cfg, args.config, overwrite=args.overwrite)
-    except (ConfigError, DataError, RewardLookupError, RunFolderError, FileNotFoundError) as err:
+        summary = run_pipeline(
+            cfg, args.config, overwrite=args.overwrite, restart_from=args.restart_from
+        )
+    except (
+        ConfigError,
+        DataError,
+        RewardLookupError,
+        RunFolderError,
+        StageChangedError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nrun folder: {cfg.run.folder}\n")

@@ -37,12 +37,24 @@ class NonFiniteError(FloatingPointError):
 
 
 class Learner:
-    def __init__(self, model: nn.Module, cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: OptimConfig,
+        total_steps: int,
+        param_groups: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """`param_groups`: AdamW parameter groups in torch's format (`{"params": [...],
+        "lr": ...}`, e.g. a policy and a PPO critic at their own learning rates); None = every
+        trainable parameter of `model` at `cfg.lr`. The schedule scales every group alike and
+        the gradient norm is clipped over all of them together."""
         self.model = model
         self.cfg = cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is None:
+            param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.params = [p for group in param_groups for p in group["params"]]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg, max(total_steps, 1))

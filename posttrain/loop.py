@@ -1,29 +1,41 @@
 """The iterative loop of online stages: generate, score, prepare, update, sync, log.
 
 It holds no loss math and no algorithm branches: the algorithm object supplies `prepare`
-(scored groups -> batch) and `loss`; the learner does the optimizer step.
+(scored groups -> batch) and `loss`; the learner does the optimizer step. Two optional
+attributes of the algorithm object change the loop's behaviour without branches on the
+algorithm: `forward(model, micro)` (what the learner runs before `loss`; default: per-token
+logprobs) and `wants_more(groups, rewards, rounds)`: after each round of prompts -> generate ->
+score, return True to draw another round before `prepare` (DAPO's dynamic sampling refills
+the batch this way); without it an iteration generates once. `prepare` then receives the
+groups of every round, and the logged reward means cover all of them. A third,
+`minibatches(batch)`, lists the optimizer batches of one pass (PPO's shuffled minibatches);
+default: the whole batch, one step per pass. The metrics logged are the last step's.
 
 Test: `pytest tests/test_pipeline.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import count
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from posttrain.data.format import prompt_text
 from posttrain.evaluate import Evaluator, brief
-from posttrain.learner import Learner
+from posttrain.health import HealthMonitor, rollout_metrics
+from posttrain.learner import Learner, logprobs_forward
 from posttrain.reward_setup import reward_columns
 from posttrain.sync import SyncError
 from posttrain.tracking import StageTracker
-from rewards import Rubric
-from rollouts import Group, RolloutEngine, Sample, SamplingParams
+from rewards import Rubric, Scores
+from rollouts import Group, RolloutEngine, SamplingParams
 
 
 class Algorithm(Protocol):
@@ -32,6 +44,11 @@ class Algorithm(Protocol):
 
     def prepare(self, groups: list[Group], rewards: list[float]) -> Any: ...
     def loss(self, logprobs_BT, batch) -> tuple[Any, dict]: ...
+
+    # Optional (see the module docstring):
+    # def forward(self, model, micro) -> Any: ...
+    # def wants_more(self, groups: list[Group], rewards: list[float], rounds: int) -> bool: ...
+    # def minibatches(self, batch) -> list: ...  (one pass's optimizer batches; default [batch])
 
 
 @dataclass
@@ -60,32 +77,41 @@ class LoopParts:
 def run_loop(p: LoopParts) -> dict[str, float]:
     """Run the iterations; return the last evaluation's metrics."""
     final: dict[str, float] = {}
+    forward = getattr(p.algorithm, "forward", logprobs_forward)
+    wants_more = getattr(p.algorithm, "wants_more", _one_round)
+    minibatches = getattr(p.algorithm, "minibatches", _whole_batch)
     progress = tqdm(range(1, p.iterations + 1), desc=p.name, unit="it", dynamic_ncols=True)
+    health = HealthMonitor(name=p.name)
     for it in progress:
         timer = Timer()
-        with timer("prompts"):
-            rows = p.next_prompts()
-            prompts = [prompt_text(r, p.tokenizer) for r in rows]
-        with timer("generate"):
-            groups = p.engine.generate(prompts, p.n, p.sampling(it), rows)
-        with timer("reward"):
-            samples = [s for g in groups for s in g.samples]
-            flat_rows = [g.row for g in groups for _ in g.samples]
-            scores = p.rubric.score(
-                [s.prompt for s in samples],
-                [s.completion for s in samples],
-                reward_columns(flat_rows),
-                [s.completion_ids for s in samples],
-            )
+        groups: list[Group] = []
+        scored: list[Scores] = []
+        for rounds in count(1):  # one round unless the algorithm wants more (dynamic sampling)
+            with timer("prompts"):
+                rows = p.next_prompts()
+                prompts = [prompt_text(r, p.tokenizer) for r in rows]
+            with timer("generate"):
+                sampling = _round_sampling(p.sampling(it), rounds)
+                new = p.engine.generate(prompts, p.n, sampling, rows)
+            with timer("reward"):
+                scored.append(_score(p.rubric, new))
+            groups += new
+            totals = [t for s in scored for t in s.total]
+            if not wants_more(groups, totals, rounds):
+                break
+        samples = [s for g in groups for s in g.samples]
+        scores = _concat(scored)
         with timer("prepare"):
             prepared = p.algorithm.prepare(groups, scores.total)
-        metrics = {**scores.metrics(prefix="train/reward"), **_rollout_metrics(samples)}
+        metrics = {**scores.metrics(prefix="train/reward"), **rollout_metrics(groups, scores.total)}
+        metrics["rollout/generation_rounds"] = float(rounds)
         metrics.update(prepared.metrics)
         p.engine.sleep()
         with timer("update"):
             if prepared.batch is not None:
                 for _ in range(p.algorithm.passes):
-                    update = p.learner.update(prepared.batch, p.algorithm.loss)
+                    for batch in minibatches(prepared.batch):
+                        update = p.learner.update(batch, p.algorithm.loss, forward)
                 metrics.update({f"train/{k}": v for k, v in update.items()})
         with timer("sync"):
             p.engine.load_weights(p.learner.model, version=it)
@@ -106,6 +132,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
             metrics.update(final)
             progress.write(f"[{p.name}] iteration {it}: " + brief(final))
         metrics.update(timer.metrics())
+        metrics["health/warnings"] = health.report(metrics, it, progress.write)
         p.tracker.log(metrics, it)
         if p.samples_every and (it % p.samples_every == 0 or it == 1):
             p.tracker.log_samples(_sample_rows(samples, scores, prepared.advantages), it)
@@ -121,19 +148,57 @@ class Timer:
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - start
+        # Summed: a stage repeated within an iteration (refill rounds) adds up.
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def _rollout_metrics(samples: list[Sample]) -> dict[str, float]:
-    lengths = [len(s.completion_ids) for s in samples]
-    return {
-        "rollout/completion_length": sum(lengths) / len(lengths),
-        "rollout/truncated_fraction": sum(s.finish_reason == "length" for s in samples)
-        / len(samples),
-    }
+def _one_round(groups: list[Group], rewards: list[float], rounds: int) -> bool:
+    return False
+
+
+def _whole_batch(batch: Any) -> list[Any]:
+    return [batch]
+
+
+def _round_sampling(params: SamplingParams, rounds: int) -> SamplingParams:
+    """The iteration's parameters; a refill round gets a seed derived from the iteration's."""
+    if rounds == 1 or params.seed is None:
+        return params
+    seed = random.Random(f"{params.seed}-round-{rounds}").getrandbits(31)
+    return dataclasses.replace(params, seed=seed)
+
+
+def _score(rubric: Rubric, groups: list[Group]) -> Scores:
+    samples = [s for g in groups for s in g.samples]
+    return rubric.score(
+        [s.prompt for s in samples],
+        [s.completion for s in samples],
+        reward_columns([g.row for g in groups for _ in g.samples]),
+        [s.completion_ids for s in samples],
+    )
+
+
+def _concat(parts: list[Scores]) -> Scores:
+    """The scores of several rounds as one, in order (a term a round lacks reads None)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def join(field: str) -> dict[str, list]:
+        names = dict.fromkeys(name for s in parts for name in getattr(s, field))
+        return {
+            name: [v for s in parts for v in getattr(s, field).get(name, [None] * len(s.total))]
+            for name in names
+        }
+
+    errors: dict[str, int] = {}
+    for s in parts:
+        for name, n in s.errors.items():
+            errors[name] = errors.get(name, 0) + n
+    total = [t for s in parts for t in s.total]
+    return Scores(total, join("components"), join("feedback"), errors)
 
 
 def _sample_rows(samples, scores, advantages) -> list[dict]:
@@ -141,6 +206,7 @@ def _sample_rows(samples, scores, advantages) -> list[dict]:
     for i, s in enumerate(samples):
         row = {"prompt": s.prompt, "completion": s.completion}
         row.update({name: values[i] for name, values in scores.components.items()})
+        row.update({f"{name}_feedback": notes[i] for name, notes in scores.feedback.items()})
         row.update({"total": scores.total[i], "advantage": advantages[i]})
         rows.append(row)
     return rows

@@ -1,4 +1,5 @@
-"""Run a pipeline: stages in order, each stage's output model is the next stage's input.
+"""Run a pipeline: stages in order, each stage's output model is the next stage's input
+(except side outputs such as a reward model: see `SIDE_OUTPUTS`).
 
 The run folder (`runs/<name>/`) holds the resolved `config.yaml`, `metrics.jsonl`, one folder
 per stage (with the stage's output `model/`), and `summary.json` with each stage's final
@@ -10,51 +11,118 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
+from posttrain import resume
+from posttrain.checkpoint import rewind_logs
 from posttrain.config.load import dump_config
 from posttrain.config.schema import PipelineConfig
-from posttrain.stages import dpo, grpo, sft
+from posttrain.stages import dpo, grpo, online_dpo, ppo, rft, rm, sft
 from posttrain.stages.context import StageContext
 from posttrain.tracking import open_stage_tracker
 
-RUNNERS = {"sft": sft.run, "dpo": dpo.run, "grpo": grpo.run}
+RUNNERS = {
+    "sft": sft.run,
+    "dpo": dpo.run,
+    "grpo": grpo.run,
+    "online_dpo": online_dpo.run,
+    "rft": rft.run,
+    "ppo": ppo.run,
+    "rm": rm.run,
+}
+RUN_FILE = "run.json"
+SIDE_OUTPUTS = {"rm"}
+"""Algorithms whose output is not a policy (a reward model): the next stage's input stays
+this stage's input. Later stages name such an output in their rewards, e.g.
+`{name: reward_model, args: {path: runs/<run>/<rm stage>/model}}`."""
 
 
 class RunFolderError(FileExistsError):
-    """The run folder already holds a run."""
+    """The run folder holds something that is not a posttrain run."""
 
 
 def run_pipeline(
-    cfg: PipelineConfig, config_path: str | Path | None = None, overwrite: bool = False
+    cfg: PipelineConfig,
+    config_path: str | Path | None = None,
+    overwrite: bool = False,
+    restart_from: str | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Run every stage, resuming a run folder that already holds this pipeline (see
+    `posttrain.resume`); `overwrite` starts from scratch, `restart_from` redoes that stage and
+    the ones after it."""
     run_dir = Path(cfg.run.folder)
+    names = [s.name for s in cfg.stages]
+    if restart_from is not None and restart_from not in names:
+        raise RunFolderError(f"--restart-from {restart_from!r}: no such stage (have {names})")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not (run_dir / RUN_FILE).exists():
             raise RunFolderError(
-                f"run folder {run_dir} already holds a run; pass --overwrite to replace it "
-                f"or choose another name (run.name=...)"
+                f"run folder {run_dir} holds files but no posttrain run; pass --overwrite to "
+                "replace it or choose another name (run.name=...)"
             )
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_info = _run_info(run_dir, cfg)
     dump_config(cfg, run_dir / "config.yaml")
-    group = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
     summary: dict[str, dict[str, float]] = {}
-    input_model = cfg.model.path
+    input_model, previous = cfg.model.path, ""
+    redo = names.index(restart_from) if restart_from else len(names)
     for index, stage in enumerate(cfg.stages):
         stage_dir = run_dir / stage.name
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        config = {"pipeline": cfg.model_dump(mode="json"), "stage": stage.model_dump(mode="json")}
-        tracker = open_stage_tracker(cfg.tracking, group, stage.name, run_dir, config)
-        ctx = StageContext(cfg, index, input_model, stage_dir, config_dir, tracker)
-        try:
-            summary[stage.name] = RUNNERS[stage.algo](stage, ctx)
-        finally:
-            tracker.finish()
+        record = resume.stage_record(stage, cfg.model, cfg.run.seed, previous)
+        previous = record.hash
+        if index >= redo:
+            resume.clear_stage(stage_dir)
+            rewind_logs(run_dir, stage.name, -1)
+        done = resume.check_stage(stage_dir, stage.name, record)
+        if done is not None:
+            print(f"[{stage.name}] done earlier with the same config: skipped")
+            summary[stage.name] = done["summary"]
+        else:
+            summary[stage.name] = _run_stage(cfg, index, stage, input_model, stage_dir,
+                                             config_dir, record, run_info)  # fmt: skip
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        input_model = str(ctx.output_model)
+        if stage.algo not in SIDE_OUTPUTS:
+            input_model = str(stage_dir / "model")
     return summary
+
+
+def _run_stage(cfg, index, stage, input_model, stage_dir, config_dir, record, run_info):
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    resume.mark_started(stage_dir, record)
+    config = {"pipeline": cfg.model_dump(mode="json"), "stage": stage.model_dump(mode="json")}
+    run_id = run_info["wandb_ids"].setdefault(stage.name, uuid.uuid4().hex[:12])
+    _write_run_info(stage_dir.parent, run_info)
+    tracker = open_stage_tracker(
+        cfg.tracking, run_info["group"], stage.name, stage_dir.parent, config, run_id
+    )
+    ctx = StageContext(cfg, index, input_model, stage_dir, config_dir, tracker)
+    try:
+        final = RUNNERS[stage.algo](stage, ctx)
+        tracker.record_output(ctx.output_model)
+    finally:
+        tracker.finish()
+    resume.mark_done(stage_dir, record, final)
+    return final
+
+
+def _run_info(run_dir: Path, cfg: PipelineConfig) -> dict:
+    """The W&B group and per-stage run ids, kept across resumes of one run folder."""
+    path = run_dir / RUN_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    info = {"group": f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}", "wandb_ids": {}}
+    _write_run_info(run_dir, info)
+    return info
+
+
+def _write_run_info(run_dir: Path, info: dict) -> None:
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(run_dir / RUN_FILE)
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:

@@ -22,7 +22,50 @@ class PromptSampler:
         self.position += self.batch_size
         return [self.rows[i] for i in chosen]
 
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)
+
     def _shuffled(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
         random.Random(f"{self.seed}-{epoch}").shuffle(order)
         return order
+
+
+class EpochBatches:
+    """Endless batches of indices for offline stages: the order is reshuffled (in place, by one
+    seeded generator) at each epoch; the last partial batch of an epoch is dropped unless the
+    data is smaller than one batch. The position is state, so a resumed stage continues the
+    same sequence of batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._restart(0)
+
+    def next(self) -> list[int]:
+        if self.size < self.batch_size:
+            batch = list(self._order)
+            self._restart(self.epoch + 1)
+            return batch
+        if self.position + self.batch_size > self.size:
+            self._restart(self.epoch + 1)
+        batch = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self._restart(state["epoch"])
+        self.position = state["position"]
+
+    def _restart(self, epoch: int) -> None:
+        rng, order = random.Random(self.seed), list(range(self.size))
+        for _ in range(epoch + 1):  # the same shuffles as one generator run epoch after epoch
+            rng.shuffle(order)
+        self.epoch, self.position, self._order = epoch, 0, order

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
@@ -116,11 +117,35 @@ def test_offline_wandb_runs_read_back(finished_run):
     assert {"train/reward/brevity", "eval/accuracy", "train/loss"} <= grpo_keys
 
 
-def test_existing_run_folder_is_not_overwritten(finished_run):
-    run_dir, _, _ = finished_run
+def test_rerun_of_a_finished_run_skips_every_stage(finished_run, capsys):
+    run_dir, summary, _ = finished_run
+    before = (run_dir / "metrics.jsonl").read_text()
     cfg = load_config(run_dir / "config.yaml")
-    with pytest.raises(RunFolderError, match="--overwrite"):
+    assert run_pipeline(cfg) == summary
+    out = capsys.readouterr().out
+    assert "[sft] done earlier with the same config: skipped" in out
+    assert "[grpo] done earlier with the same config: skipped" in out
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_folder_that_is_not_a_run_is_not_overwritten(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = load_config_text(f"run: {{output_dir: {tmp_path}}}\n" + ONE_STAGE)
+    with pytest.raises(RunFolderError, match="holds files but no posttrain run.*--overwrite"):
         run_pipeline(cfg)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+ONE_STAGE = """
+stages:
+  - {name: s, algo: sft, data: {source: builtin://arithmetic, limit: 8}, train: {max_steps: 1}}
+"""
+
+
+def load_config_text(text: str):
+    from posttrain.config.load import validate_config
+
+    return validate_config(yaml.safe_load(text))
 
 
 def test_reward_needing_a_missing_column_fails_before_training(tmp_path, tiny_path):

@@ -22,6 +22,11 @@ class RunConfig(Strict):
     """Run folder; default `runs/<name>`."""
     seed: int = 0
     """Seed for model building, data order, sampling and dropout."""
+    checkpoint_every: int = Field(100, ge=0)
+    """Save a resumable checkpoint every this many steps (SFT, DPO, RM) or iterations (GRPO,
+    PPO, online DPO, RFT); 0 = only at the end of each stage."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept per stage (the newest)."""
 
     @property
     def folder(self) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+from posttrain.checkpoint import Checkpointer, rewind_logs
 from posttrain.config.schema import EvalConfig, PipelineConfig, RewardSpec
 from posttrain.data.load import load_rows
 from posttrain.evaluate import Evaluator
@@ -31,6 +34,27 @@ class StageContext:
     @property
     def output_model(self) -> Path:
         return self.stage_dir / "model"
+
+    @cached_property
+    def checkpointer(self) -> Checkpointer:
+        """Register extra modules to checkpoint with `ctx.checkpointer.modules[name] = m`."""
+        run = self.config.run
+        return Checkpointer(self.stage_dir, run.checkpoint_every, run.keep_checkpoints)
+
+    def resume(self, learner: Any) -> dict[str, Any] | None:
+        """Restore the stage's newest checkpoint (None if there is none) and rewind its logs."""
+        state = self.checkpointer.restore(learner)
+        # Lines logged after the checkpoint (all of them, starting afresh) will be logged again.
+        step = state["step"] if state is not None else -1
+        rewind_logs(self.stage_dir.parent, self.stage_dir.name, step)
+        if state is not None:
+            print(f"[{self.stage_dir.name}] resuming from the checkpoint at step {step}")
+        return state
+
+    def checkpoint(self, step: int, total: int, learner: Any, **state: Any) -> None:
+        """Save a checkpoint when one is due at `step` of `total` (always at the last)."""
+        if self.checkpointer.due(step, total):
+            self.checkpointer.save(step, learner, {"total": total, **state})
 
 
 def build_evaluator(

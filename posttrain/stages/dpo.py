@@ -55,10 +55,19 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
     sampler = PromptSampler(list(range(len(pairs))), min(train.batch_size, len(pairs)), ctx.seed)
     loss_fn = partial(dpo.loss, cfg=stage.dpo)
     final: dict[str, float] = {}
-    if held_out:
+    start = 0
+    if (state := ctx.resume(learner)) is not None:
+        sampler.load_state(state["sampler"])
+        start, final = state["step"], state["final"]
+    elif held_out:
         ctx.tracker.log(pair_metrics(model, held_out, held_out_refs, pad, micro), 0)
     progress = tqdm(
-        range(1, steps + 1), desc=f"{stage.name} (dpo)", unit="step", dynamic_ncols=True
+        range(start + 1, steps + 1),
+        desc=f"{stage.name} (dpo)",
+        unit="step",
+        dynamic_ncols=True,
+        initial=start,
+        total=steps,
     )
     for step in progress:
         index = sampler.next()
@@ -77,6 +86,7 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
                 metrics.update(results)
                 progress.write(f"[{stage.name}] step {step}: " + brief(results))
         ctx.tracker.log(metrics, step)
+        ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
     save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
 

@@ -1,26 +1,39 @@
-"""The GRPO stage: builds the policy, reference, engine, rubric and learner, then runs the loop."""
+"""The GRPO stage, and the set-up every iterative stage shares.
+
+`run_iterative` builds the policy, the rollout engine, the rubric, the evaluator and the
+learner from a stage's config, runs `posttrain.loop.run_loop` with the algorithm object the
+stage builds, and saves the policy; the `grpo`, `online_dpo` and `rft` stages differ only in
+that object. `GRPO` is GRPO's: it binds the config and models to `algorithms/grpo.py`.
+
+Test: `pytest tests/test_grpo_stage_options.py tests/test_pipeline.py`.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from posttrain.algorithms import grpo
-from posttrain.config.schema import GRPOParams, GRPOStage
+from posttrain.config.schema import GRPOParams, GRPOStage, OnlineDPOStage, RFTStage
 from posttrain.data.load import load_rows
 from posttrain.engines import build_engine
 from posttrain.learner import Learner
-from posttrain.loop import LoopParts, run_loop
+from posttrain.loop import Algorithm, LoopParts, run_loop
 from posttrain.models.load import load_policy, resolve_model_path
+from posttrain.models.lora import is_peft, save_policy
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from posttrain.sync import probe_logprob_diff
-from rollouts import SamplingParams
+from rollouts import Group, SamplingParams
+
+IterativeStage = GRPOStage | OnlineDPOStage | RFTStage
 
 
 @dataclass
@@ -32,12 +45,17 @@ class GRPO:
     policy: nn.Module
     reference: nn.Module | None
     micro_batch_size: int
+    max_completion_length: int | None = None
+    """The generation limit (`rollout.max_new_tokens`): the divisor of `constant` aggregation."""
 
     @property
     def passes(self) -> int:
         return self.cfg.epochs
 
-    def prepare(self, groups, rewards) -> grpo.Prepared:
+    def wants_more(self, groups: list[Group], rewards: list[float], rounds: int) -> bool:
+        return grpo.wants_more(groups, rewards, rounds, self.cfg)
+
+    def prepare(self, groups: list[Group], rewards: list[float]) -> grpo.Prepared:
         return grpo.make_batch(
             groups,
             rewards,
@@ -49,16 +67,45 @@ class GRPO:
         )
 
     def loss(self, logprobs_BT, batch):
-        return grpo.loss(logprobs_BT, batch, self.cfg)
+        return grpo.loss(logprobs_BT, batch, self.cfg, self.max_completion_length)
 
 
 def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
+    def build(model: nn.Module, tokenizer: Any) -> GRPO:
+        reference = frozen_reference(model) if stage.grpo.beta != 0 else None
+        return GRPO(
+            stage.grpo,
+            tokenizer.pad_token_id,
+            model,
+            reference,
+            stage.train.micro_batch_size,
+            stage.rollout.max_new_tokens,
+        )
+
+    return run_iterative(stage, ctx, stage.grpo.prompts_per_iteration, build)
+
+
+def frozen_reference(model: nn.Module) -> nn.Module:
+    """The stage's input model as a reference: a frozen copy, or with LoRA the policy itself
+    (algorithms run it under `reference_mode`, which disables the adapter; no second copy)."""
+    if is_peft(model):
+        return model
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def run_iterative(
+    stage: IterativeStage,
+    ctx: StageContext,
+    prompts_per_iteration: int,
+    build: Callable[[nn.Module, Any], Algorithm],
+) -> dict[str, float]:
+    """Run an iterative stage whose algorithm object is `build(policy, tokenizer)`."""
     torch.manual_seed(ctx.seed)
     cfg = ctx.config
-    model, tokenizer = load_policy(ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed)
-    reference = None
-    if stage.grpo.beta != 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model, tokenizer = load_policy(
+        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
+    )
+    algorithm = build(model, tokenizer)  # before any update: a reference copies the input model
     rows = load_rows(stage.data, need=("prompt|messages",))
     rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir, stage.reward_errors)
     evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
@@ -68,13 +115,10 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
     print(
         f"[{stage.name}] rollout engine: {engine.name}" + (" (auto)" if r.engine == "auto" else "")
     )
-    learner = Learner(model, stage.train, stage.iterations * stage.grpo.epochs)
-    algorithm = GRPO(
-        stage.grpo, tokenizer.pad_token_id, model, reference, stage.train.micro_batch_size
-    )
-    sampler = PromptSampler(rows, stage.grpo.prompts_per_iteration, ctx.seed)
+    learner = Learner(model, stage.train, stage.iterations * algorithm.passes)
+    sampler = PromptSampler(rows, prompts_per_iteration, ctx.seed)
     parts = LoopParts(
-        name=f"{stage.name} (grpo)",
+        name=f"{stage.name} ({stage.algo})",
         iterations=stage.iterations,
         next_prompts=sampler.next,
         engine=engine,
@@ -96,11 +140,10 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
         final = run_loop(parts)
     finally:
         engine.close()
-    model.save_pretrained(ctx.output_model)
-    tokenizer.save_pretrained(ctx.output_model)
+    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
 
 
-def _sampling(stage: GRPOStage, seed: int, iteration: int) -> SamplingParams:
+def _sampling(stage: IterativeStage, seed: int, iteration: int) -> SamplingParams:
     r = stage.rollout
     return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +15,7 @@ from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
 from posttrain.models.lora import save_policy
+from posttrain.sampler import EpochBatches
 from posttrain.stages.context import StageContext, build_evaluator
 from rollouts.hf import HFEngine
 
@@ -41,14 +41,23 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
     learner = Learner(model, train, steps)
     evaluator = build_evaluator(stage.eval, None, ctx)
     engine = HFEngine(model, tokenizer)
-    order = _batches(len(examples), train.batch_size, ctx.seed)
+    order = EpochBatches(len(examples), train.batch_size, ctx.seed)
     final: dict[str, float] = {}
+    start = 0
+    if (state := ctx.resume(learner)) is not None:
+        order.load_state(state["sampler"])
+        start, final = state["step"], state["final"]
     progress = tqdm(
-        range(1, steps + 1), desc=f"{stage.name} (sft)", unit="step", dynamic_ncols=True
+        range(start + 1, steps + 1),
+        desc=f"{stage.name} (sft)",
+        unit="step",
+        dynamic_ncols=True,
+        initial=start,
+        total=steps,
     )
     for step in progress:
         batch = sft.make_batch(
-            [examples[i] for i in next(order)], tokenizer.pad_token_id, train.train_on_prompt
+            [examples[i] for i in order.next()], tokenizer.pad_token_id, train.train_on_prompt
         )
         metrics = {f"train/{k}": v for k, v in learner.update(batch, sft.loss).items()}
         progress.set_postfix(loss=f"{metrics['train/loss']:.3f}")
@@ -57,16 +66,6 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
             metrics.update(final)
             progress.write(f"[{stage.name}] step {step}: " + brief(final))
         ctx.tracker.log(metrics, step)
+        ctx.checkpoint(step, steps, learner, sampler=order.state(), final=final)
     save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
-
-
-def _batches(size: int, batch_size: int, seed: int):
-    """Endless batches of indices: a seeded shuffle per epoch, the last partial batch dropped."""
-    rng, epoch_order = random.Random(seed), list(range(size))
-    while True:
-        rng.shuffle(epoch_order)
-        for start in range(0, size - batch_size + 1, batch_size):
-            yield epoch_order[start : start + batch_size]
-        if size < batch_size:
-            yield epoch_order

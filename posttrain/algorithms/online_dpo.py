@@ -1,0 +1,147 @@
+"""Online (iterative) DPO: pairs from the current policy's scored samples, then DPO steps.
+
+Each iteration ("RLHF Workflow", Dong et al. 2024, alg. 1; Xiong et al. 2024): the policy
+samples K completions per prompt, the rubric scores them, `pairs.best_vs_worst_pairs` makes the
+highest-reward completion `chosen` and the lowest `rejected` (ties and margins under
+`min_margin` dropped), the reference model's summed logprobs of both responses are computed,
+and the learner takes DPO steps with `algorithms/dpo.py` (its loss variants and metrics).
+
+Pairs hold the exact sampled token ids: they end with the engine's stop token when the sample
+stopped and are cut where it hit the length limit, so the loss scores what the policy
+generated. The reference is the stage's input model: a frozen copy, or with LoRA the policy
+with its adapter disabled; `ref_refresh_every: k` copies the policy into the copy every k
+iterations, each refresh starting a new round of iterative DPO.
+
+Test: `pytest tests/test_online_dpo_rft.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from posttrain.algorithms import dpo
+from posttrain.algorithms.grpo import reward_grid
+from posttrain.algorithms.pairs import PairSelection, best_vs_worst_pairs
+from posttrain.batch import PairBatch
+from posttrain.config.schema import DPOParams, OnlineDPOParams
+from posttrain.data.pairs import EncodedPair
+from posttrain.models.lora import reference_mode
+from rollouts import Group
+
+
+@dataclass(frozen=True)
+class Prepared:
+    batch: PairBatch | None
+    """None when no group gave a pair."""
+    advantages: list[float]
+    """Per sample, in group order, for sample tables: +1 chosen, -1 rejected, 0 unused."""
+    metrics: dict[str, float]
+
+
+def make_pairs(
+    groups: list[Group], rewards: list[float], min_margin: float
+) -> tuple[list[EncodedPair], PairSelection]:
+    """Best vs worst completion of each group, as token-id pairs, with the selection."""
+    selection = best_vs_worst_pairs(reward_grid(groups, rewards), min_margin=min_margin)
+    pairs = []
+    for p in selection.pairs:
+        samples = groups[p.prompt_index].samples
+        chosen, rejected = samples[p.chosen_index], samples[p.rejected_index]
+        pairs.append(EncodedPair(chosen.prompt_ids, chosen.completion_ids, rejected.completion_ids))
+    return pairs, selection
+
+
+def make_batch(
+    groups: list[Group],
+    rewards: list[float],
+    min_margin: float,
+    pad_id: int,
+    reference: nn.Module | None,
+    micro_batch_size: int,
+) -> Prepared:
+    """Pairs, their reference logprobs (None = reference-free) and the pair metrics."""
+    pairs, selection = make_pairs(groups, rewards, min_margin)
+    k = len(groups[0].samples)
+    shown = [0.0] * (len(groups) * k)
+    for p in selection.pairs:
+        shown[p.prompt_index * k + p.chosen_index] = 1.0
+        shown[p.prompt_index * k + p.rejected_index] = -1.0
+    metrics = {
+        **selection.metrics(),
+        "pairs/dropped_ties": float(selection.dropped_ties),
+        "pairs/dropped_small_margin": float(selection.dropped_small_margin),
+    }
+    if not pairs:
+        return Prepared(None, shown, metrics)
+    metrics["pairs/chosen_length"] = _mean([len(p.chosen_ids) for p in pairs])
+    metrics["pairs/rejected_length"] = _mean([len(p.rejected_ids) for p in pairs])
+    batch = dpo.make_batch(pairs, pad_id)
+    if reference is not None:
+        with reference_mode(reference):
+            ref = dpo.sequence_logps(reference, batch, micro_batch_size)
+        batch = dataclasses.replace(batch, ref_chosen_P=ref.chosen_P, ref_rejected_P=ref.rejected_P)
+    return Prepared(batch, shown, metrics)
+
+
+def refresh_due(iteration: int, every: int) -> bool:
+    """Whether iteration `iteration` (from 1) starts with the reference set to the policy:
+    after every `every` iterations' updates; never when `every` is 0."""
+    return every > 0 and iteration > 1 and (iteration - 1) % every == 0
+
+
+@dataclass
+class OnlineDPO:
+    """Online DPO bound to its config and models, in the shape the loop expects."""
+
+    params: OnlineDPOParams
+    loss_cfg: DPOParams
+    pad_id: int
+    policy: nn.Module
+    reference: nn.Module | None
+    """A frozen model, the policy itself with LoRA (adapter disabled), or None (no reference)."""
+    micro_batch_size: int
+    iteration: int = 0
+    """Iterations prepared so far."""
+
+    def __post_init__(self) -> None:
+        if self.params.ref_refresh_every and (
+            self.reference is None or self.reference is self.policy
+        ):
+            raise ValueError(
+                "online_dpo.ref_refresh_every copies the policy into a separate reference "
+                "model; with model.lora (or dpo.reference: none) there is none: set "
+                "ref_refresh_every: 0"
+            )
+
+    @property
+    def passes(self) -> int:
+        return self.params.epochs
+
+    def prepare(self, groups: list[Group], rewards: list[float]) -> Prepared:
+        self.iteration += 1
+        refresh = refresh_due(self.iteration, self.params.ref_refresh_every)
+        if refresh:
+            self.reference.load_state_dict(self.policy.state_dict())
+        prepared = make_batch(
+            groups,
+            rewards,
+            self.params.min_margin,
+            self.pad_id,
+            self.reference,
+            self.micro_batch_size,
+        )
+        prepared.metrics["online_dpo/reference_refreshed"] = float(refresh)
+        return prepared
+
+    def forward(self, model: nn.Module, micro: PairBatch) -> dpo.PairLogps:
+        return dpo.forward(model, micro)
+
+    def loss(self, outputs: dpo.PairLogps, micro: PairBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        return dpo.loss(outputs, micro, self.loss_cfg)
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values)

@@ -1,0 +1,126 @@
+"""The PPO stage: policy, critic, reference, engine, rubric and one learner, then the loop.
+
+One `Learner` updates policy and critic together: one forward gives logprobs and values (with
+a value head it is one pass of the policy), the loss is `policy_loss + vf_coef * value_loss`,
+and the optimizer has two AdamW parameter groups, the policy's at `train.lr` and the
+critic's at `critic.lr`; the gradient norm is clipped over both. So micro-batching, gradient
+accumulation and the loop's passes work unchanged. The policy is saved as a plain causal LM
+(`<stage>/model`, the next stage's input); the critic to `<stage>/critic/` (a value head file,
+or a sequence-classification model for `critic.kind: separate`).
+
+Test: `pytest tests/test_ppo_stage.py`. Run: `posttrain run configs/ppo.yaml`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from posttrain.algorithms.ppo import PPO
+from posttrain.config.schema import PPOStage
+from posttrain.data.load import load_rows
+from posttrain.engines import build_engine
+from posttrain.learner import Learner
+from posttrain.loop import LoopParts, run_loop
+from posttrain.models.critic import Critic, build_critic
+from posttrain.models.load import DTYPES, load_policy, resolve_model_path
+from posttrain.models.lora import is_peft, save_policy
+from posttrain.reward_setup import build_rubric
+from posttrain.sampler import PromptSampler
+from posttrain.stages.context import StageContext, build_evaluator
+from posttrain.sync import probe_logprob_diff
+from rollouts import SamplingParams
+
+
+@dataclass(frozen=True)
+class PPORun:
+    """Everything the stage runs: the loop's parts (policy in `parts.learner.model`) and the
+    critic, which is not part of the policy."""
+
+    parts: LoopParts
+    critic: Critic
+
+
+def run(stage: PPOStage, ctx: StageContext) -> dict[str, float]:
+    built = build(stage, ctx)
+    try:
+        final = run_loop(built.parts)
+    finally:
+        built.parts.engine.close()
+    model, tokenizer = built.parts.learner.model, built.parts.tokenizer
+    save_policy(model, tokenizer, ctx.output_model, ctx.config.model.lora)
+    built.critic.save(ctx.stage_dir / "critic")
+    return final
+
+
+def build(stage: PPOStage, ctx: StageContext) -> PPORun:
+    """Load the policy, build critic, reference, rubric, evaluator, engine and learner."""
+    torch.manual_seed(ctx.seed)
+    cfg, p = ctx.config, stage.ppo
+    model, tokenizer = load_policy(
+        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
+    )
+    model_path = resolve_model_path(ctx.input_model, cfg.run.seed)
+    critic_path = resolve_model_path(stage.critic.path, cfg.run.seed) if stage.critic.path else None
+    critic = build_critic(
+        stage.critic.kind,
+        model,
+        critic_path or model_path,
+        DTYPES[cfg.model.dtype],
+        tokenizer.pad_token_id,
+    )
+    reference = None
+    if p.kl_coef != 0 and not is_peft(model):  # with LoRA: the adapter is disabled instead
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    rows = load_rows(stage.data, need=("prompt|messages",))
+    rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir, stage.reward_errors)
+    evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
+    sampler = PromptSampler(rows, p.prompts_per_iteration, ctx.seed)
+    r = stage.rollout
+    engine = build_engine(r, model, tokenizer, model_path, cfg.model.dtype, ctx.seed)
+    print(
+        f"[{stage.name}] rollout engine: {engine.name}" + (" (auto)" if r.engine == "auto" else "")
+    )
+    groups = [
+        {"params": [x for x in model.parameters() if x.requires_grad], "lr": stage.train.lr},
+        {"params": list(critic.parameters()), "lr": stage.critic.lr or stage.train.lr},
+    ]
+    steps = stage.iterations * p.ppo_epochs * p.minibatches
+    learner = Learner(model, stage.train, steps, param_groups=groups)
+    algorithm = PPO(
+        p,
+        tokenizer.pad_token_id,
+        model,
+        critic,
+        reference,
+        stage.train.micro_batch_size,
+        seed=ctx.seed,
+    )
+    parts = LoopParts(
+        name=f"{stage.name} (ppo)",
+        iterations=stage.iterations,
+        next_prompts=sampler.next,
+        engine=engine,
+        n=r.n,
+        sampling=partial(_sampling, stage, ctx.seed),
+        rubric=rubric,
+        algorithm=algorithm,
+        learner=learner,
+        tokenizer=tokenizer,
+        tracker=ctx.tracker,
+        evaluator=evaluator,
+        eval_every=stage.eval.every,
+        samples_every=cfg.tracking.samples_every,
+        probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
+        probe_size=r.sync_probe,
+        max_logprob_diff=r.max_logprob_diff,
+    )
+    return PPORun(parts, critic)
+
+
+def _sampling(stage: PPOStage, seed: int, iteration: int) -> SamplingParams:
+    r = stage.rollout
+    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration)
