@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     from posttrain.data.load import DataError
     from posttrain.pipeline import RunFolderError, format_summary, run_pipeline
     from posttrain.resume import StageChangedError
-    from rewards import RewardLookupError
+    from rewards import RewardConfigError, RewardLookupError, RewardSignatureError
 
     # SIGTERM unwinds like Ctrl-C, so engines and servers are stopped by their `finally`s.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -99,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         ConfigError,
         DataError,
         RewardLookupError,
+        RewardSignatureError,
+        RewardConfigError,
         RunFolderError,
         StageChangedError,
         FileNotFoundError,

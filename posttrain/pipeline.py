@@ -18,6 +18,7 @@ from posttrain import resume
 from posttrain.checkpoint import rewind_logs
 from posttrain.config.load import dump_config
 from posttrain.config.schema import PipelineConfig
+from posttrain.plan import format_plan
 from posttrain.stages import dpo, grpo, online_dpo, ppo, rft, rm, sft
 from posttrain.stages.context import StageContext
 from posttrain.tracking import open_stage_tracker
@@ -63,10 +64,13 @@ def run_pipeline(
                 f"run folder {run_dir} holds files but no posttrain run; pass --overwrite to "
                 "replace it or choose another name (run.name=...)"
             )
+    config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
+    # Names, options, files and folders of every stage are checked now, not when a late stage
+    # starts after hours of training.
+    format_plan(cfg, config_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_info = _run_info(run_dir, cfg)
     dump_config(cfg, run_dir / "config.yaml")
-    config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
     summary: dict[str, dict[str, float]] = {}
     input_model, previous = cfg.model.path, ""
     redo = names.index(restart_from) if restart_from else len(names)

@@ -5,16 +5,19 @@ on first use (`rewards.BUILTIN[name]`), so `import rewards` stays light.
 """
 
 from rewards.answer import exact_answer
+from rewards.calls import RewardSignatureError
 from rewards.per_sample import per_sample
 from rewards.registry import BUILTIN, RewardLookupError, resolve_reward
-from rewards.rubric import RewardError, RewardTerm, Rubric, Scores
+from rewards.rubric import RewardConfigError, RewardError, RewardTerm, Rubric, Scores
 from rewards.types import Failed, Scored
 
 __all__ = [
     "BUILTIN",
     "Failed",
+    "RewardConfigError",
     "RewardError",
     "RewardLookupError",
+    "RewardSignatureError",
     "RewardTerm",
     "Rubric",
     "Scored",

@@ -25,6 +25,11 @@ from rewards.types import Failed, Scored
 ALWAYS_PASSED = ("prompts", "completions")
 PASSED_WHEN_GIVEN = ("completion_ids",)  # as TRL's trainers pass them
 
+
+class RewardSignatureError(TypeError):
+    """A reward whose signature does not fit TRL's, or needs a column the data lacks."""
+
+
 Job = tuple[Callable, list, list, dict, float | None]  # fn, prompts, completions, kwargs, timeout
 
 
@@ -49,7 +54,7 @@ def check_signature(name: str, fn: Callable, columns: Sequence[str] | None) -> s
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     missing = [a for a in ALWAYS_PASSED if a not in named and not var_kw]
     if missing:
-        raise TypeError(
+        raise RewardSignatureError(
             f"reward {name!r} must accept the keyword arguments prompts and completions "
             f"(TRL's signature fn(prompts, completions, **kwargs)); it lacks {missing}"
         )
@@ -63,7 +68,7 @@ def check_signature(name: str, fn: Callable, columns: Sequence[str] | None) -> s
     if columns is not None:
         absent = sorted(required - set(columns) - set(PASSED_WHEN_GIVEN))
         if absent:
-            raise TypeError(
+            raise RewardSignatureError(
                 f"reward {name!r} needs column(s) {absent}, but the data has "
                 f"{sorted(columns)}; map a column to that name or give the argument a default"
             )

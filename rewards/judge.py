@@ -155,12 +155,15 @@ def judge_score(
     temperature: float = 0.0,
     max_tokens: int | None = None,
     extra_body: Mapping[str, Any] | None = None,
+    check_endpoint: bool = True,
 ) -> Callable:
     """A reward: the judge's score of each completion mapped to [0, 1], rationale as feedback.
 
     A request that still fails after its retries gives `Failed` for that completion (the
     rubric counts it); an unset key variable or an HTTP 401/403/404 raises, since every
-    request would fail alike. The key variable is checked here, at start-up.
+    request would fail alike. The key variable is checked here, at start-up, and so is the
+    endpoint (`GET {base_url}/models` must answer and, when it lists models, list `model`)
+    unless `check_endpoint` is false (e.g. scoring from a warm cache).
     """
     if reference_column is not None and (
         not isinstance(reference_column, str)
@@ -191,6 +194,8 @@ def judge_score(
         rationale_max_chars=rationale_max_chars,
         cache_dir=cache_dir,
     )
+    if check_endpoint:
+        _check_reachable(endpoint)
 
     def reward(prompts: list, completions: list, **columns: Any) -> list[Scored | Failed | None]:
         references = None
@@ -236,3 +241,30 @@ def judge_score(
             ]
         )
     return reward
+
+
+def _check_reachable(endpoint: JudgeEndpoint) -> None:
+    """Fail at start-up, not at the first scoring call, when the judge cannot be reached."""
+    import httpx
+
+    url = endpoint.base_url.rstrip("/") + "/models"
+    try:
+        response = httpx.get(url, headers=endpoint.headers(), timeout=min(endpoint.timeout, 10.0))
+    except httpx.HTTPError as err:
+        raise ValueError(
+            f"judge endpoint {endpoint.base_url} is unreachable ({type(err).__name__}: {err}); "
+            "start the server or fix base_url"
+        ) from None
+    if response.status_code in (401, 403):
+        raise ValueError(f"judge endpoint {url} refused the API key (HTTP {response.status_code})")
+    if response.status_code != 200:
+        return  # some OpenAI-compatible servers do not list models; the endpoint answered
+    try:
+        served = [m.get("id") for m in response.json().get("data", [])]
+    except (ValueError, AttributeError):
+        return
+    if served and endpoint.model not in served:
+        raise ValueError(
+            f"judge endpoint {endpoint.base_url} does not serve model {endpoint.model!r}; "
+            f"it serves {served[:10]}"
+        )

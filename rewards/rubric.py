@@ -37,6 +37,10 @@ from rewards.calls import Outcome, check_signature, run_terms
 OnError = Literal["raise", "count"]
 
 
+class RewardConfigError(ValueError):
+    """A rubric that cannot be built: no rewards, repeated names, bad gates or policy."""
+
+
 class RewardError(RuntimeError):
     """A reward function failed or returned something that is not one score per completion."""
 
@@ -89,15 +93,15 @@ class Rubric:
         max_error_rate: float = 0.0,
     ) -> None:
         if not terms:
-            raise ValueError("a rubric needs at least one reward")
+            raise RewardConfigError("a rubric needs at least one reward")
         names = [t.name for t in terms]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"reward names must be unique; repeated: {duplicates}")
+            raise RewardConfigError(f"reward names must be unique; repeated: {duplicates}")
         if on_error not in ("raise", "count"):
-            raise ValueError(f"on_error must be 'raise' or 'count', got {on_error!r}")
+            raise RewardConfigError(f"on_error must be 'raise' or 'count', got {on_error!r}")
         if not 0.0 <= max_error_rate <= 1.0:
-            raise ValueError(f"max_error_rate must be in [0, 1], got {max_error_rate}")
+            raise RewardConfigError(f"max_error_rate must be in [0, 1], got {max_error_rate}")
         self.terms = list(terms)
         self.on_error = on_error
         self.max_error_rate = max_error_rate
@@ -199,12 +203,14 @@ def _gate_waves(terms: list[RewardTerm]) -> list[list[RewardTerm]]:
             depth[term.name] = 0
             return 0
         if term.gate not in by_name:
-            raise ValueError(
+            raise RewardConfigError(
                 f"reward {term.name!r} is gated on {term.gate!r}, which is not a reward of this "
                 f"rubric ({sorted(by_name)})"
             )
         if term.gate in trail:
-            raise ValueError(f"reward gates form a cycle: {' -> '.join((*trail, term.gate))}")
+            raise RewardConfigError(
+                f"reward gates form a cycle: {' -> '.join((*trail, term.gate))}"
+            )
         depth[term.name] = level(by_name[term.gate], (*trail, term.gate)) + 1
         return depth[term.name]
 

@@ -196,7 +196,10 @@ def test_reference_based_and_reference_free_prompts():
 
 
 def test_reference_column_is_checked_when_the_rubric_is_built():
-    reward = judge_score(base_url="http://127.0.0.1:9/v1", model="judge", reference_column="gold")
+    reward = judge_score(
+        base_url="http://127.0.0.1:9/v1", model="judge", reference_column="gold",
+        check_endpoint=False,
+    )  # fmt: skip
     with pytest.raises(TypeError, match=r"needs column\(s\) \['gold'\]"):
         check_signature("judge", reward, columns=["answer"])
     assert check_signature("judge", reward, columns=["gold"]) is None
@@ -373,9 +376,14 @@ def test_a_key_given_as_the_variable_name_is_refused_without_echoing_it():
     ],
 )
 def test_bad_options_are_errors_naming_the_option(options, message):
-    base = {"base_url": "http://127.0.0.1:9/v1", "model": "judge"}
+    base = {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "check_endpoint": False}
     with pytest.raises(ValueError, match=message):
         judge_score(**{**base, **options})
+
+
+def test_unreachable_endpoint_fails_when_the_reward_is_built():
+    with pytest.raises(ValueError, match=r"judge endpoint http://127.0.0.1:9/v1 is unreachable"):
+        judge_score(base_url="http://127.0.0.1:9/v1", model="judge")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ class DataConfig(Strict):
     (instruct models)."""
     system: str | None = None
     """With `chat`, a system message put before the user message."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A row that cannot be used (missing or empty column, wrong type, invalid messages, too
+    long): `error` stops with the file, row and column named; `skip` leaves it out, prints the
+    first few reasons and logs the count as `data/skipped_rows`."""
 
 
 class RewardSpec(Strict):

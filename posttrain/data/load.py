@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ class DataError(ValueError):
     """Input data the user has to fix; the message names file, row and column."""
 
 
-def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> list[dict[str, Any]]:
+def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> Rows:
     """Read `cfg.source`, rename columns, check that each row has the columns in `need`.
 
     `need` entries may be alternatives joined by `|` (e.g. `"prompt|messages"`).
@@ -44,10 +45,50 @@ def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> list[dict
         )
     if cfg.columns:
         rows = [_map_columns(row, cfg.columns) for row in rows]
-    for index, row in enumerate(rows):
+
+    def check(row: dict[str, Any], index: int) -> dict[str, Any]:
         _check_row(cfg.source, index, row, need)
         _shape_prompt(cfg, index, row)
-    return rows
+        return row
+
+    kept = keep_good(rows, cfg, check)
+    if not kept:
+        raise DataError(f"{cfg.source}: every row was bad (data.on_bad_row: skip)")
+    return kept
+
+
+class Rows(list):
+    """A list of rows (or encoded examples) that remembers how many bad rows were left out and
+    each kept item's row number in the source (`indices`), for error messages."""
+
+    skipped: int = 0
+    indices: list[int]
+
+    def source_index(self, position: int) -> int:
+        return self.indices[position] if hasattr(self, "indices") else position
+
+
+def keep_good(rows: list, cfg: DataConfig, fn: Callable[[Any, int], Any]) -> Rows:
+    """`fn(row, index)` for every row; a `DataError` stops, or with `on_bad_row: skip` the row
+    is left out and counted in the result's `skipped` (plus the input's own, if it has one)."""
+    out, skipped = Rows(), []
+    out.indices = []
+    for position, row in enumerate(rows):
+        index = rows.source_index(position) if isinstance(rows, Rows) else position
+        try:
+            out.append(fn(row, index))
+            out.indices.append(index)
+        except DataError as err:
+            if cfg.on_bad_row == "error":
+                raise
+            skipped.append(str(err))
+    out.skipped = getattr(rows, "skipped", 0) + len(skipped)
+    if skipped:
+        shown = "\n  ".join(skipped[:3])
+        print(
+            f"skipped {len(skipped)} bad row(s) of {cfg.source} (data.on_bad_row: skip):\n  {shown}"
+        )
+    return out
 
 
 def _shape_prompt(cfg: DataConfig, index: int, row: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from posttrain.algorithms import dpo
 from posttrain.config.schema import DataConfig, DPOStage
-from posttrain.data.load import DataError, load_rows
+from posttrain.data.load import DataError, keep_good, load_rows
 from posttrain.data.pairs import EncodedPair, encode_pair
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
@@ -85,6 +85,8 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
                 final = results
                 metrics.update(results)
                 progress.write(f"[{stage.name}] step {step}: " + brief(results))
+        if step == 1:
+            metrics["data/skipped_rows"] = float(pairs.skipped)
         ctx.tracker.log(metrics, step)
         ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
     save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
@@ -92,9 +94,10 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
 
 
 def encode_pairs(data: DataConfig, tokenizer, max_length: int) -> list[EncodedPair]:
+    """Encoded pairs; bad rows stop the stage, or are skipped and counted (`on_bad_row`)."""
     rows = load_rows(data, need=("chosen", "rejected"))
-    pairs = []
-    for index, row in enumerate(rows):
+
+    def encode(row: dict, index: int) -> EncodedPair:
         pair = encode_pair(row, tokenizer, data.source, index)
         longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
         if longest > max_length:
@@ -102,7 +105,11 @@ def encode_pairs(data: DataConfig, tokenizer, max_length: int) -> list[EncodedPa
                 f"{data.source}: row {index} has {longest} tokens (prompt + longer response), "
                 f"over train.max_length={max_length}"
             )
-        pairs.append(pair)
+        return pair
+
+    pairs = keep_good(rows, data, encode)
+    if not pairs:
+        raise DataError(f"{data.source}: every row was bad (data.on_bad_row: skip)")
     return pairs
 
 

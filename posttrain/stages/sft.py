@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from posttrain.algorithms import sft
 from posttrain.config.schema import SFTStage
 from posttrain.data.format import encode_example
-from posttrain.data.load import DataError, load_rows
+from posttrain.data.load import DataError, keep_good, load_rows
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
@@ -27,15 +27,19 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
         ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
     )
     rows = load_rows(stage.data, need=("prompt|messages",))
-    examples = []
-    for index, row in enumerate(rows):
+
+    def encode(row: dict, index: int) -> tuple[list[int], list[int]]:
         prompt_ids, completion_ids = encode_example(row, tokenizer, stage.data.source, index)
         if len(prompt_ids) + len(completion_ids) > stage.train.max_length:
             raise DataError(
                 f"{stage.data.source}: row {index} has {len(prompt_ids) + len(completion_ids)} "
                 f"tokens, over train.max_length={stage.train.max_length}"
             )
-        examples.append((prompt_ids, completion_ids))
+        return prompt_ids, completion_ids
+
+    examples = keep_good(rows, stage.data, encode)
+    if not examples:
+        raise DataError(f"{stage.data.source}: every row was bad (data.on_bad_row: skip)")
     train = stage.train
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     learner = Learner(model, train, steps)
@@ -65,6 +69,8 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
             final = evaluator(engine, tokenizer)
             metrics.update(final)
             progress.write(f"[{stage.name}] step {step}: " + brief(final))
+        if step == 1:
+            metrics["data/skipped_rows"] = float(examples.skipped)
         ctx.tracker.log(metrics, step)
         ctx.checkpoint(step, steps, learner, sampler=order.state(), final=final)
     save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
