@@ -58,6 +58,7 @@ class Checkpointer:
                 "optimizer": learner.optimizer.state_dict(),
                 "scheduler": learner.scheduler.state_dict(),
                 "learner_step": learner.step,
+                "learner_counts": {"calls": learner.calls, "skipped": learner.skipped},
                 "modules": {k: m.state_dict() for k, m in self.modules.items()},
             },
             tmp / "trainer.pt",
@@ -87,6 +88,8 @@ class Checkpointer:
         learner.optimizer.load_state_dict(trainer["optimizer"])
         learner.scheduler.load_state_dict(trainer["scheduler"])
         learner.step = trainer["learner_step"]
+        counts = trainer.get("learner_counts", {})
+        learner.calls, learner.skipped = counts.get("calls", 0), counts.get("skipped", 0)
         for name, module in self.modules.items():
             module.load_state_dict(trainer["modules"][name])
         _set_rng_state(torch.load(path / "rng.pt", weights_only=False))

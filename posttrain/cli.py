@@ -84,6 +84,7 @@ def _status(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from posttrain.config.load import ConfigError, load_config
     from posttrain.data.load import DataError
+    from posttrain.learner import NonFiniteError
     from posttrain.pipeline import RunFolderError, format_summary, run_pipeline
     from posttrain.resume import StageChangedError
     from rewards import RewardConfigError, RewardLookupError, RewardSignatureError
@@ -104,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         RunFolderError,
         StageChangedError,
         FileNotFoundError,
+        NonFiniteError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,17 +60,20 @@ class Learner:
             self.optimizer, _schedule(cfg, max(total_steps, 1))
         )
         self.step = 0
+        self.calls = 0
+        self.skipped = 0
 
     def update(
         self, batch: Any, loss_fn: LossFn, forward: Forward = logprobs_forward
     ) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self.calls += 1
         totals: dict[str, float] = defaultdict(float)
         for micro in micro_batches(batch, self.cfg.micro_batch_size):
             loss, metrics = loss_fn(forward(self.model, micro), micro)
             if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss is {loss.item()} at optimizer step {self.step + 1}")
+                return self._non_finite(f"loss is {loss.item()}")
             loss.backward()
             totals["loss"] += loss.item()
             for key, value in metrics.items():
@@ -78,13 +81,27 @@ class Learner:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"gradient norm is {grad_norm} at optimizer step {self.step + 1}")
+            return self._non_finite(f"gradient norm is {grad_norm}")
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         totals["grad_norm"] = grad_norm
+        totals["skipped_steps"] = float(self.skipped)
         return dict(totals)
+
+    def _non_finite(self, what: str) -> dict[str, float]:
+        """Stop (`on_nonfinite: stop`), or drop this step's gradients and go on (`skip`)."""
+        where = f"{what} at optimizer step {self.step + 1} (update call {self.calls})"
+        if self.cfg.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{where}; lower the learning rate, check the data and rewards, or set "
+                "train.on_nonfinite: skip to drop such steps"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        print(f"warning: {where}: step skipped ({self.skipped} so far)")
+        return {"skipped_steps": float(self.skipped), "lr": self.scheduler.get_last_lr()[0]}
 
 
 def _schedule(cfg: OptimConfig, total: int) -> Callable[[int], float]:

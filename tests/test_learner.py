@@ -78,3 +78,38 @@ def test_non_finite_loss_stops_with_the_step(tiny):
 
     with pytest.raises(NonFiniteError, match="optimizer step 1"):
         learner.update(batch, nan_loss)
+
+
+def test_non_finite_loss_can_skip_the_step(tiny, capsys):
+    model, tokenizer = tiny
+    batch = sft.make_batch(_examples(tokenizer, 4), tokenizer.pad_token_id)
+    learner = Learner(model, OptimConfig(lr=1e-3, on_nonfinite="skip"), 3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def nan_loss(logprobs, micro):
+        return logprobs.sum() * float("nan"), {}
+
+    assert learner.update(batch, nan_loss)["skipped_steps"] == 1.0
+    assert learner.step == 0  # no optimizer step, no schedule step
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert "loss is nan at optimizer step 1 (update call 1): step skipped (1 so far)" in (
+        capsys.readouterr().out
+    )
+    metrics = learner.update(batch, sft.loss)
+    assert metrics["skipped_steps"] == 1.0 and learner.step == 1
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_non_finite_gradient_stops_with_advice(tiny):
+    model, tokenizer = tiny
+    batch = sft.make_batch(_examples(tokenizer, 4), tokenizer.pad_token_id)
+    learner = Learner(model, OptimConfig(), 1)
+
+    def exploding(logprobs, micro):
+        # finite loss (0), but d sqrt(u)/du is infinite at u = 0: the gradient is NaN
+        return (logprobs.sum() * 0).abs().sqrt(), {}
+
+    with pytest.raises(
+        NonFiniteError, match=r"^gradient norm is nan at optimizer step 1 .*on_nonfinite: skip"
+    ):
+        learner.update(batch, exploding)

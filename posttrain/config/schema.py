@@ -146,6 +146,9 @@ class OptimConfig(Strict):
     """Clip the global gradient norm to this value (None = no clipping)."""
     micro_batch_size: int = 64
     """Sequences per forward/backward; gradients accumulate up to the full batch."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN or infinite loss or gradient norm: `stop` the stage with the step named, or
+    `skip` that optimizer step (its gradients dropped, counted in `train/skipped_steps`)."""
 
 
 class EvalConfig(Strict):
