@@ -1,6 +1,8 @@
 """Command line (also `python -m posttrain`).
 
-posttrain run CONFIG.yaml [key.sub=value ...] [--overwrite]
+posttrain run CONFIG.yaml [key.sub=value ...] [--overwrite] [--restart-from STAGE]
+posttrain plan CONFIG.yaml [key.sub=value ...]
+posttrain status RUN_DIR
 posttrain rewards list
 posttrain rewards score --config R.yaml --input in.jsonl --output out.jsonl
 posttrain report RUN_DIR [--output DIR]
@@ -38,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_commands(commands)
     # Overrides may come before or after options: collect the stray ones too.
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("rewards", "report"):
+    if args.command in ("rewards", "report", "status"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _guarded(rewards_cli.run if args.command == "rewards" else report.run, args)
+        commands = {"rewards": rewards_cli.run, "report": report.run, "status": _status}
+        return _guarded(commands[args.command], args)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -186,6 +186,23 @@ class HealthMonitor:
         self.count += len(warnings)
         return warnings
 
+    def state(self) -> dict:
+        """What a checkpoint needs so that a resumed stage warns exactly as before."""
+        return {
+            "count": self.count,
+            "zero_grad": self._zero_grad,
+            "zero_variance": self._zero_variance,
+            "diverging": self._diverging,
+            "rewards": list(self._rewards),
+            "last_eval": list(self._last_eval) if self._last_eval is not None else None,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.count = state["count"]
+        self._zero_grad, self._zero_variance = state["zero_grad"], state["zero_variance"]
+        self._diverging, self._rewards = state["diverging"], list(state["rewards"])
+        self._last_eval = tuple(state["last_eval"]) if state["last_eval"] is not None else None
+
     def report(self, metrics: dict[str, float], step: int, write: Callable[[str], None]) -> float:
         """`check`, pass each warning to `write` (e.g. tqdm's), return the count so far."""
         for warning in self.check(metrics, step):

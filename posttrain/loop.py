@@ -72,16 +72,36 @@ class LoopParts:
     """Largest engine-vs-trainer logprob gap on sequences after a sync; None = no probe."""
     probe_size: int = 8
     max_logprob_diff: float = 1e-2
+    start: int = 0
+    """Iterations already done (a resumed stage: the learner and sampler are restored)."""
+    final: dict[str, float] | None = None
+    """The last evaluation before `start` (a resumed stage)."""
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None
+    """Called after every iteration with (iteration, loop state: the last evaluation and the
+    health monitor's state); saves when due."""
+    health: dict | None = None
+    """The health monitor's state before `start` (a resumed stage)."""
 
 
 def run_loop(p: LoopParts) -> dict[str, float]:
     """Run the iterations; return the last evaluation's metrics."""
-    final: dict[str, float] = {}
+    final: dict[str, float] = dict(p.final or {})
+    if p.start:  # resumed: the engine serves the restored weights, not the stage's input
+        p.engine.load_weights(p.learner.model, version=p.start)
     forward = getattr(p.algorithm, "forward", logprobs_forward)
     wants_more = getattr(p.algorithm, "wants_more", _one_round)
     minibatches = getattr(p.algorithm, "minibatches", _whole_batch)
-    progress = tqdm(range(1, p.iterations + 1), desc=p.name, unit="it", dynamic_ncols=True)
+    progress = tqdm(
+        range(p.start + 1, p.iterations + 1),
+        desc=p.name,
+        unit="it",
+        dynamic_ncols=True,
+        initial=p.start,
+        total=p.iterations,
+    )
     health = HealthMonitor(name=p.name)
+    if p.health is not None:
+        health.load_state(p.health)
     for it in progress:
         timer = Timer()
         groups: list[Group] = []
@@ -137,6 +157,8 @@ def run_loop(p: LoopParts) -> dict[str, float]:
         if p.samples_every and (it % p.samples_every == 0 or it == 1):
             p.tracker.log_samples(_sample_rows(samples, scores, prepared.advantages), it)
         progress.set_postfix(reward=f"{metrics['train/reward/total']:.3f}")
+        if p.checkpoint is not None:
+            p.checkpoint(it, {"final": final, "health": health.state()})
     return final
 
 

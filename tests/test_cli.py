@@ -99,7 +99,7 @@ def test_missing_config_file_exits_2(env, capsys):
     assert err == f"error: config file not found: {env / 'nope.yaml'}\n"
 
 
-def test_existing_run_folder_is_refused_without_overwrite(env, capsys):
+def test_existing_run_folder_resumes_and_overwrite_starts_afresh(env, capsys):
     path = tiny_config(env)
     run_dir = env / "run"
 
@@ -112,15 +112,13 @@ def test_existing_run_folder_is_refused_without_overwrite(env, capsys):
 
     marker = run_dir / "keep-me.txt"
     marker.write_text("earlier results")
-    assert run_cli(["run", str(path)]) == 2
-    captured = capsys.readouterr()
-    assert captured.err == (
-        f"error: run folder {run_dir} already holds a run; pass --overwrite to replace it "
-        "or choose another name (run.name=...)\n"
-    )
-    assert "Traceback" not in captured.err
+    assert run_cli(["run", str(path)]) == 0  # the finished stage is skipped, nothing redone
+    assert "[sft] done earlier with the same config: skipped" in capsys.readouterr().out
     assert marker.read_text() == "earlier results"  # nothing of the earlier run was touched
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    assert run_cli(["status", str(run_dir)]) == 0
+    assert capsys.readouterr().out.startswith("sft              sft         done")
 
     assert run_cli(["run", str(path), "--overwrite"]) == 0
     assert not marker.exists()

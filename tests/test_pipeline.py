@@ -121,7 +121,7 @@ def test_rerun_of_a_finished_run_skips_every_stage(finished_run, capsys):
     run_dir, summary, _ = finished_run
     before = (run_dir / "metrics.jsonl").read_text()
     cfg = load_config(run_dir / "config.yaml")
-    assert run_pipeline(cfg) == summary
+    assert run_pipeline(cfg, run_dir.parent / "pipeline.yaml") == summary
     out = capsys.readouterr().out
     assert "[sft] done earlier with the same config: skipped" in out
     assert "[grpo] done earlier with the same config: skipped" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -284,7 +285,8 @@ def test_stage_saves_a_plain_causal_lm_and_the_critic(tmp_path, tiny_path):
     assert head.linear.weight.shape == (1, initial.config.hidden_size)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
-    assert lines[1]["ppo/kl_ref"] > 0  # the second iteration samples from a moved policy
+    # the second iteration samples from a moved policy (k1 estimates may be negative)
+    assert abs(lines[1]["ppo/kl_ref"]) > 1e-4
     samples = [
         json.loads(x) for x in (tmp_path / "run" / "samples-ppo.jsonl").read_text().splitlines()
     ]
@@ -319,3 +321,35 @@ def test_too_many_minibatches_is_a_config_error(tmp_path):
     path = write_config(tmp_path, "{kind: head}")
     with pytest.raises(ConfigError, match="ppo.minibatches=9 exceeds the 8 samples"):
         load_config(path, ["stages.0.ppo.minibatches=9"])
+
+
+def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path, tiny_path):
+    """Policy, critic, optimizer, sampler and RNG (minibatch shuffles) all come back."""
+    from safetensors.torch import load_file
+
+    from posttrain.resume import status
+
+    (tmp_path / "r.py").write_text(REWARD_FILE)
+    text = CONFIG.replace("seed: 0}}", "seed: 0, checkpoint_every: 1, keep_checkpoints: 5}}")
+    runs = {}
+    for name in ("full", "part"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text.format(out=tmp_path / name, critic="{kind: head}", iterations=3))
+        runs[name] = path
+        run_pipeline(load_config(path), path)
+    stage = tmp_path / "part" / "ppo"
+    for folder in (stage / "checkpoint-3", stage / "model", stage / "critic"):
+        shutil.rmtree(folder)
+    (stage / "DONE").unlink()
+    assert status(tmp_path / "part")[0]["progress"] == "2/3"
+    run_pipeline(load_config(runs["part"]), runs["part"])
+    for file in ("model/model.safetensors", "critic/value_head.safetensors"):
+        full, again = load_file(tmp_path / "full" / "ppo" / file), load_file(stage / file)
+        assert full.keys() == again.keys()
+        assert all(torch.equal(full[k], again[k]) for k in full), file
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/"))} for r in rows]
+
+    assert lines(tmp_path / "full") == lines(tmp_path / "part")

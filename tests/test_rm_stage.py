@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from functools import partial
 
 import pytest
@@ -201,3 +202,32 @@ def test_the_stage_after_an_rm_stage_gets_the_policy(finished_run):
     assert after.config.architectures == ["Qwen2ForCausalLM"]
     changed = [n for n, p in after.state_dict().items() if not torch.equal(p, initial[n])]
     assert changed == []
+
+
+def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path, tiny_path):
+    from safetensors.torch import load_file
+
+    from posttrain.resume import status
+
+    text = CONFIG.replace("seed: 0}}", "seed: 0, checkpoint_every: 2, keep_checkpoints: 5}}")
+    text = text[: text.index("  - name: after")]  # the rm stage alone
+    paths = {}
+    for name in ("full", "part"):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(text.format(out=tmp_path / name))
+        run_pipeline(load_config(paths[name]), paths[name])
+    stage = tmp_path / "part" / "rm"
+    for folder in (stage / "checkpoint-6", stage / "model"):
+        shutil.rmtree(folder)
+    (stage / "DONE").unlink()
+    assert status(tmp_path / "part")[0]["progress"] == "4/6"
+    run_pipeline(load_config(paths["part"]), paths["part"])
+    full = load_file(tmp_path / "full" / "rm" / "model" / "model.safetensors")
+    again = load_file(stage / "model" / "model.safetensors")
+    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+
+    def lines(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    assert lines(tmp_path / "full") == lines(tmp_path / "part")

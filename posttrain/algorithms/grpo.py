@@ -109,9 +109,12 @@ def make_batch(
     shown = (advantages_GN * use_GN).reshape(-1).tolist()
     if not bool(use_GN.any()):
         return Prepared(None, shown, metrics)
-    flags = use_GN.tolist()
-    samples = [s for g, row in zip(groups, flags, strict=True)
-               for s, used in zip(g.samples, row, strict=True) if used]  # fmt: skip
+    samples = [
+        s
+        for g, row in zip(groups, use_GN.tolist(), strict=True)
+        for s, used in zip(g.samples, row, strict=True)
+        if used
+    ]
     advantages_B = advantages_GN[use_GN]  # row-major, the order of `samples`
     ids, attention = pad_right([s.prompt_ids + s.completion_ids for s in samples], pad_id)
     mask = torch.zeros_like(ids)

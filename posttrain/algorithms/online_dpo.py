@@ -86,10 +86,10 @@ def make_batch(
     return Prepared(batch, shown, metrics)
 
 
-def refresh_due(iteration: int, every: int) -> bool:
-    """Whether iteration `iteration` (from 1) starts with the reference set to the policy:
-    after every `every` iterations' updates; never when `every` is 0."""
-    return every > 0 and iteration > 1 and (iteration - 1) % every == 0
+def refresh_due(version: int, every: int) -> bool:
+    """Whether the reference becomes the policy before training on samples of policy version
+    `version` (the iterations done so far): every `every` versions; never when `every` is 0."""
+    return every > 0 and version > 0 and version % every == 0
 
 
 @dataclass
@@ -103,8 +103,6 @@ class OnlineDPO:
     reference: nn.Module | None
     """A frozen model, the policy itself with LoRA (adapter disabled), or None (no reference)."""
     micro_batch_size: int
-    iteration: int = 0
-    """Iterations prepared so far."""
 
     def __post_init__(self) -> None:
         if self.params.ref_refresh_every and (
@@ -120,9 +118,18 @@ class OnlineDPO:
     def passes(self) -> int:
         return self.params.epochs
 
+    @property
+    def state_modules(self) -> dict[str, nn.Module]:
+        """What to checkpoint besides the policy: a reference that refreshes."""
+        if self.params.ref_refresh_every and self.reference is not None:
+            return {"reference": self.reference}
+        return {}
+
     def prepare(self, groups: list[Group], rewards: list[float]) -> Prepared:
-        self.iteration += 1
-        refresh = refresh_due(self.iteration, self.params.ref_refresh_every)
+        # The loop syncs the engine to version i after iteration i, so the samples' version
+        # counts the iterations done, also in a resumed stage.
+        version = groups[0].samples[0].policy_version
+        refresh = refresh_due(version, self.params.ref_refresh_every)
         if refresh:
             self.reference.load_state_dict(self.policy.state_dict())
         prepared = make_batch(

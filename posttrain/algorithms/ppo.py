@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -159,9 +159,12 @@ def make_batch(
     return Prepared(batch, per_sample, metrics)
 
 
-def minibatches(batch: PPOBatch, count: int, generator: torch.Generator) -> list[PPOBatch]:
+def minibatches(
+    batch: PPOBatch, count: int, generator: torch.Generator | None = None
+) -> list[PPOBatch]:
     """The batch's rows shuffled and cut into `count` minibatches of near-equal size, each
-    with its own sequence and token counts (each is one optimizer batch)."""
+    with its own sequence and token counts (each is one optimizer batch). The default
+    generator is torch's global one, which checkpoints save and restore."""
     order = torch.randperm(batch.num_sequences, generator=generator)
     parts = []
     for index in torch.tensor_split(order, min(count, batch.num_sequences)):
@@ -213,11 +216,6 @@ class PPO:
     reference: nn.Module | None
     """A frozen copy of the input model; None with LoRA (the adapter is disabled instead)."""
     micro_batch_size: int
-    seed: int = 0
-    _generator: torch.Generator = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def passes(self) -> int:
@@ -236,7 +234,7 @@ class PPO:
         )
 
     def minibatches(self, batch: PPOBatch) -> list[PPOBatch]:
-        return minibatches(batch, self.cfg.minibatches, self._generator)
+        return minibatches(batch, self.cfg.minibatches)
 
     def forward(self, model: nn.Module, micro: PPOBatch) -> PolicyValues:
         self.critic.train(model.training)

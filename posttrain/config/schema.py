@@ -559,3 +559,16 @@ class PipelineConfig(Strict):
         if repeated:
             raise ValueError(f"stage names must be unique; repeated: {repeated}")
         return self
+
+    @model_validator(mode="after")
+    def _lora_reference_is_the_base(self) -> PipelineConfig:
+        if self.model.lora is None:
+            return self
+        for stage in self.stages:
+            if isinstance(stage, OnlineDPOStage) and stage.online_dpo.ref_refresh_every:
+                raise ValueError(
+                    f"stage {stage.name!r}: online_dpo.ref_refresh_every copies the policy "
+                    "into a separate reference model, but with model.lora the reference is "
+                    "the base model (adapter disabled): set ref_refresh_every: 0"
+                )
+        return self

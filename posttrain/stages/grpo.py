@@ -117,6 +117,15 @@ def run_iterative(
     )
     learner = Learner(model, stage.train, stage.iterations * algorithm.passes)
     sampler = PromptSampler(rows, prompts_per_iteration, ctx.seed)
+    # Modules an algorithm changes besides the policy (a refreshed reference) are checkpointed.
+    ctx.checkpointer.modules.update(getattr(algorithm, "state_modules", {}))
+    state = ctx.resume(learner)
+    if state is not None:
+        sampler.load_state(state["sampler"])
+
+    def checkpoint(iteration: int, loop_state: dict) -> None:
+        ctx.checkpoint(iteration, stage.iterations, learner, sampler=sampler.state(), **loop_state)
+
     parts = LoopParts(
         name=f"{stage.name} ({stage.algo})",
         iterations=stage.iterations,
@@ -135,6 +144,10 @@ def run_iterative(
         probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
         probe_size=r.sync_probe,
         max_logprob_diff=r.max_logprob_diff,
+        start=state["step"] if state else 0,
+        final=state["final"] if state else None,
+        health=state["health"] if state else None,
+        checkpoint=checkpoint,
     )
     try:
         final = run_loop(parts)

@@ -6,7 +6,8 @@ and the optimizer has two AdamW parameter groups, the policy's at `train.lr` and
 critic's at `critic.lr`; the gradient norm is clipped over both. So micro-batching, gradient
 accumulation and the loop's passes work unchanged. The policy is saved as a plain causal LM
 (`<stage>/model`, the next stage's input); the critic to `<stage>/critic/` (a value head file,
-or a sequence-classification model for `critic.kind: separate`).
+or a sequence-classification model for `critic.kind: separate`). Checkpoints hold the critic
+beside the policy, so a resumed stage continues where it stopped.
 
 Test: `pytest tests/test_ppo_stage.py`. Run: `posttrain run configs/ppo.yaml`.
 """
@@ -37,15 +38,26 @@ from rollouts import SamplingParams
 
 @dataclass(frozen=True)
 class PPORun:
-    """Everything the stage runs: the loop's parts (policy in `parts.learner.model`) and the
-    critic, which is not part of the policy."""
+    """Everything the stage runs: the loop's parts (policy in `parts.learner.model`), the
+    critic, which is not part of the policy, and the prompt sampler (resumable state)."""
 
     parts: LoopParts
     critic: Critic
+    sampler: PromptSampler
 
 
 def run(stage: PPOStage, ctx: StageContext) -> dict[str, float]:
     built = build(stage, ctx)
+    ctx.checkpointer.modules["critic"] = built.critic
+    learner, sampler = built.parts.learner, built.sampler
+    if (state := ctx.resume(learner)) is not None:  # policy, critic, optimizer, RNG, sampler
+        sampler.load_state(state["sampler"])
+        built.parts.start, built.parts.final = state["step"], state["final"]
+
+    def checkpoint(iteration: int, final: dict[str, float]) -> None:
+        ctx.checkpoint(iteration, stage.iterations, learner, sampler=sampler.state(), final=final)
+
+    built.parts.checkpoint = checkpoint
     try:
         final = run_loop(built.parts)
     finally:
@@ -97,7 +109,6 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         critic,
         reference,
         stage.train.micro_batch_size,
-        seed=ctx.seed,
     )
     parts = LoopParts(
         name=f"{stage.name} (ppo)",
@@ -118,7 +129,7 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         probe_size=r.sync_probe,
         max_logprob_diff=r.max_logprob_diff,
     )
-    return PPORun(parts, critic)
+    return PPORun(parts, critic, sampler)
 
 
 def _sampling(stage: PPOStage, seed: int, iteration: int) -> SamplingParams:

@@ -11,6 +11,7 @@ its config) loads with the `reward_model` reward:
 
 and scores exactly the texts it was trained on. An rm stage does not hand its model to the
 next stage (the pipeline keeps the policy chain: the next stage gets this stage's input).
+Checkpoints (model, optimizer, sampler, RNG) let an interrupted stage resume exactly.
 
 Test: `pytest tests/test_rm_stage.py`.
 """
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from posttrain.algorithms import rm
 from posttrain.config.schema import DataConfig, RMStage
-from posttrain.data.load import DataError, load_rows
+from posttrain.data.load import DataError, Rows, keep_good, load_rows
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import DTYPES, pick_device, resolve_model_path
@@ -52,11 +53,22 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
     sampler = PromptSampler(list(range(len(pairs))), min(train.batch_size, len(pairs)), ctx.seed)
     loss_fn = partial(rm.loss, cfg=stage.rm)
     final: dict[str, float] = {}
-    if held_out:
+    start = 0
+    if (state := ctx.resume(learner)) is not None:
+        sampler.load_state(state["sampler"])
+        start, final = state["step"], state["final"]
+    elif held_out:
         first = pair_metrics(model, held_out, pad, micro)
         ctx.tracker.log(first, 0)
         print(f"[{stage.name}] before training: " + brief(first))
-    progress = tqdm(range(1, steps + 1), desc=f"{stage.name} (rm)", unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        range(start + 1, steps + 1),
+        desc=f"{stage.name} (rm)",
+        unit="step",
+        dynamic_ncols=True,
+        initial=start,
+        total=steps,
+    )
     for step in progress:
         batch = rm.make_batch([pairs[i] for i in sampler.next()], pad)
         metrics = {f"train/{k}": v for k, v in learner.update(batch, loss_fn, rm.forward).items()}
@@ -65,7 +77,10 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
             final = pair_metrics(model, held_out, pad, micro)
             metrics.update(final)
             progress.write(f"[{stage.name}] step {step}: " + brief(final))
+        if step == 1:
+            metrics["data/skipped_rows"] = float(pairs.skipped)
         ctx.tracker.log(metrics, step)
+        ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
     model.save_pretrained(ctx.output_model)
     tokenizer.save_pretrained(ctx.output_model)
     return final
@@ -88,12 +103,11 @@ def load_reward_model(path: str, dtype: str, device: str, seed: int):
     return model, tokenizer
 
 
-def encode_pairs(
-    data: DataConfig, tokenizer, max_length: int, margin_column: str | None
-) -> list[rm.RMPair]:
+def encode_pairs(data: DataConfig, tokenizer, max_length: int, margin_column: str | None) -> Rows:
+    """Encoded pairs; bad rows stop the stage, or are skipped and counted (`on_bad_row`)."""
     rows = load_rows(data, need=("chosen", "rejected"))
-    pairs = []
-    for index, row in enumerate(rows):
+
+    def encode(row: dict, index: int) -> rm.RMPair:
         pair = rm.encode_rm_pair(row, tokenizer, data.source, index, margin_column)
         longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
         if longest > max_length:
@@ -101,7 +115,11 @@ def encode_pairs(
                 f"{data.source}: row {index} has {longest} tokens (prompt + longer response), "
                 f"over train.max_length={max_length}"
             )
-        pairs.append(pair)
+        return pair
+
+    pairs = keep_good(rows, data, encode)
+    if not pairs:
+        raise DataError(f"{data.source}: every row was bad (data.on_bad_row: skip)")
     return pairs
 
 
