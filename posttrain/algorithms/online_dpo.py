@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ from posttrain.batch import PairBatch
 from posttrain.config.schema import DPOParams, OnlineDPOParams
 from posttrain.data.pairs import EncodedPair
 from posttrain.models.lora import reference_mode
+from rewards.judge_pairwise import pair_metrics
 from rollouts import Group
 
 
@@ -86,6 +88,36 @@ def make_batch(
     return Prepared(batch, shown, metrics)
 
 
+def judge_pairs(groups: list[Group], judge: Any) -> tuple[list[EncodedPair], list, dict]:
+    """Pairs labelled by a pairwise judge: the first two distinct completions of each group,
+    compared in both orders; kept when the debiased verdict has a winner (OAIF-style online
+    feedback, Guo et al. 2024). Returns (pairs, (group, chosen, rejected) indices, metrics)."""
+    candidates = []
+    for g, group in enumerate(groups):
+        texts = [s.completion for s in group.samples]
+        second = next((i for i in range(1, len(texts)) if texts[i] != texts[0]), None)
+        if second is not None:
+            candidates.append((g, 0, second))
+    metrics = {"judge/candidate_pairs": float(len(candidates))}
+    if not candidates:
+        return [], [], metrics
+    samples = [(groups[g].samples[a], groups[g].samples[b]) for g, a, b in candidates]
+    verdicts = judge.compare(
+        [a.prompt for a, _ in samples], [a.completion for a, _ in samples],
+        [b.completion for _, b in samples],
+    )  # fmt: skip
+    pairs, chosen = [], []
+    for (g, a, b), (sa, sb), verdict in zip(candidates, samples, verdicts, strict=True):
+        if verdict.winner == "tie":
+            continue
+        win, lose = (sa, sb) if verdict.winner == "a" else (sb, sa)
+        pairs.append(EncodedPair(win.prompt_ids, win.completion_ids, lose.completion_ids))
+        chosen.append((g, a, b) if verdict.winner == "a" else (g, b, a))
+    metrics.update(pair_metrics(verdicts))
+    metrics["judge/pairs_kept"] = float(len(pairs))
+    return pairs, chosen, metrics
+
+
 def refresh_due(version: int, every: int) -> bool:
     """Whether the reference becomes the policy before training on samples of policy version
     `version` (the iterations done so far): every `every` versions; never when `every` is 0."""
@@ -103,6 +135,8 @@ class OnlineDPO:
     reference: nn.Module | None
     """A frozen model, the policy itself with LoRA (adapter disabled), or None (no reference)."""
     micro_batch_size: int
+    judge: Any = None
+    """A `rewards.judge_pairwise.PairwiseJudge` that labels pairs; None = the rubric's rewards."""
 
     def __post_init__(self) -> None:
         if self.params.ref_refresh_every and (
@@ -132,16 +166,36 @@ class OnlineDPO:
         refresh = refresh_due(version, self.params.ref_refresh_every)
         if refresh:
             self.reference.load_state_dict(self.policy.state_dict())
-        prepared = make_batch(
-            groups,
-            rewards,
-            self.params.min_margin,
-            self.pad_id,
-            self.reference,
-            self.micro_batch_size,
-        )
+        if self.judge is not None:
+            prepared = self._judged(groups)
+        else:
+            prepared = make_batch(
+                groups,
+                rewards,
+                self.params.min_margin,
+                self.pad_id,
+                self.reference,
+                self.micro_batch_size,
+            )
         prepared.metrics["online_dpo/reference_refreshed"] = float(refresh)
         return prepared
+
+    def _judged(self, groups: list[Group]) -> Prepared:
+        pairs, chosen, metrics = judge_pairs(groups, self.judge)
+        k = len(groups[0].samples)
+        shown = [0.0] * (len(groups) * k)
+        for g, win, lose in chosen:
+            shown[g * k + win], shown[g * k + lose] = 1.0, -1.0
+        if not pairs:
+            return Prepared(None, shown, metrics)
+        return Prepared(self._with_reference(dpo.make_batch(pairs, self.pad_id)), shown, metrics)
+
+    def _with_reference(self, batch: PairBatch) -> PairBatch:
+        if self.reference is None:
+            return batch
+        with reference_mode(self.reference):
+            ref = dpo.sequence_logps(self.reference, batch, self.micro_batch_size)
+        return dataclasses.replace(batch, ref_chosen_P=ref.chosen_P, ref_rejected_P=ref.rejected_P)
 
     def forward(self, model: nn.Module, micro: PairBatch) -> dpo.PairLogps:
         return dpo.forward(model, micro)

@@ -297,6 +297,12 @@ class OnlineDPOParams(Strict):
     iterative DPO); 0 = the reference stays the stage's input model."""
     epochs: int = Field(1, ge=1)
     """Optimizer steps over each iteration's pairs."""
+    judge: dict[str, Any] | None = None
+    """Label pairs with an LLM judge instead of the rubric: the options of
+    `rewards.judge.pairwise_judge` (`base_url`, `model`, `api_key_env`, `criteria`,
+    `cache_dir`, ...). Two distinct samples of each prompt are compared in both orders; the
+    pair is kept only when both orders agree (position-debiased), else dropped. The rubric
+    still scores every sample for the logged rewards."""
 
 
 class RFTParams(Strict):

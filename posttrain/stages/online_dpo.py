@@ -22,6 +22,15 @@ from posttrain.stages.grpo import frozen_reference, run_iterative
 def run(stage: OnlineDPOStage, ctx: StageContext) -> dict[str, float]:
     def build(model: nn.Module, tokenizer: Any) -> OnlineDPO:
         reference = frozen_reference(model) if stage.dpo.reference == "input" else None
+        judge = None
+        if stage.online_dpo.judge is not None:
+            from posttrain.config.load import ConfigError
+            from rewards.judge_pairwise import pairwise_judge
+
+            try:
+                judge = pairwise_judge(**stage.online_dpo.judge)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"stage {stage.name!r}: online_dpo.judge: {err}") from err
         return OnlineDPO(
             stage.online_dpo,
             stage.dpo,
@@ -29,6 +38,7 @@ def run(stage: OnlineDPOStage, ctx: StageContext) -> dict[str, float]:
             model,
             reference,
             stage.train.micro_batch_size,
+            judge,
         )
 
     return run_iterative(stage, ctx, stage.online_dpo.prompts_per_iteration, build)
