@@ -353,3 +353,16 @@ def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path,
         return [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/"))} for r in rows]
 
     assert lines(tmp_path / "full") == lines(tmp_path / "part")
+
+
+def test_lora_policy_uses_the_disabled_adapter_as_reference(tmp_path):
+    path = write_config(tmp_path, "{kind: head}", iterations=2)
+    path.write_text(
+        path.read_text().replace("tiny://arithmetic}}", "tiny://arithmetic, lora: {r: 4}}")
+    )
+    run_pipeline(load_config(path), path)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["ppo/kl_ref"] == 0.0  # a new adapter (B = 0) is the reference itself
+    assert abs(lines[1]["ppo/kl_ref"]) > 1e-4  # the adapter was trained, the reference was not
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "ppo" / "model")
+    assert merged.config.architectures == ["Qwen2ForCausalLM"]

@@ -146,8 +146,6 @@ def make_batch(
     metrics.update(
         {
             "ppo/score_mean": scores.mean().item(),
-            "ppo/kl_ref": kl.sum(1).mean().item(),
-            "ppo/kl_penalty": (-cfg.kl_coef * kl.sum(1)).mean().item(),
             "ppo/value_mean": masked_mean(old.values_BT, mask).item(),
             "ppo/return_mean": masked_mean(estimate.returns_BT, mask).item(),
             "ppo/advantage_mean": masked_mean(estimate.advantages_BT, mask).item(),
@@ -156,6 +154,9 @@ def make_batch(
             ).item(),
         }
     )
+    if cfg.kl_coef != 0:  # KL to the reference: summed per completion, mean over the batch
+        metrics["ppo/kl_ref"] = kl.sum(1).mean().item()
+        metrics["ppo/kl_penalty"] = (-cfg.kl_coef * kl.sum(1)).mean().item()
     return Prepared(batch, per_sample, metrics)
 
 

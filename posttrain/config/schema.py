@@ -488,7 +488,9 @@ class PPOStage(Strict):
     rewards: list[RewardSpec]
     reward_errors: RewardErrorPolicy = Field(default_factory=RewardErrorPolicy)
     ppo: PPOParams = Field(default_factory=PPOParams)
+    """PPO's own settings: epochs, minibatches, clipping, GAE, KL penalty, whitening."""
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    """The value model: a head on the policy or a separate model, and its learning rate."""
     train: OptimConfig = Field(default_factory=OptimConfig)
     """The policy's optimizer (the critic shares it, at `critic.lr`)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -526,6 +528,7 @@ class RMStage(Strict):
     data: DataConfig
     """Preference pairs: `prompt`, `chosen`, `rejected` (plain or conversational)."""
     rm: RMParams = Field(default_factory=RMParams)
+    """Loss options: per-pair margin and reward centring."""
     train: SFTTrainConfig = Field(default_factory=lambda: SFTTrainConfig(lr=5e-5))
     """`batch_size` counts pairs; `max_length` bounds prompt + the longer response."""
     eval_pairs: DataConfig | None = None

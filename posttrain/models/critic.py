@@ -115,6 +115,13 @@ def build_critic(
         raise ValueError(f"critic.kind must be 'head' or 'separate', got {kind!r}")
     from transformers import AutoModelForSequenceClassification
 
+    from posttrain.models.lora import is_adapter_folder
+
+    if is_adapter_folder(path):
+        raise ValueError(
+            f"a separate critic starts from a full model, but {path!r} is a LoRA adapter "
+            "folder: set critic.path to a full model, or model.lora.merge: true"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     model.config.pad_token_id = pad_token_id
     return SeparateCritic(model).to(device).train()

@@ -1,7 +1,8 @@
 """The reward-model stage: preference pairs -> a one-label sequence-classification model.
 
 The model is `AutoModelForSequenceClassification(num_labels=1)` built from the stage's input
-model (its body; the score head is new, seeded by the run seed) and trained with the
+model (its body; the score head is new, seeded by the run seed; all weights are trained, also
+when `model.lora` is set) and trained with the
 Bradley-Terry loss (`algorithms/rm.py`). Held-out pairs (`eval_pairs`) are scored before
 training, every `eval_every` steps and at the end: `eval/pair_accuracy` is the share of pairs
 with r(chosen) > r(rejected). The output folder (`<stage>/model`, with `pad_token_id` set in
@@ -30,6 +31,7 @@ from posttrain.data.load import DataError, Rows, keep_good, load_rows
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import DTYPES, pick_device, resolve_model_path
+from posttrain.models.lora import is_adapter_folder
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext
 
@@ -92,6 +94,11 @@ def load_reward_model(path: str, dtype: str, device: str, seed: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = resolve_model_path(path, seed)
+    if is_adapter_folder(resolved):
+        raise ValueError(
+            f"the rm stage builds a reward model from a full model, but {path!r} is a LoRA "
+            "adapter folder: set model.lora.merge: true so earlier stages save merged models"
+        )
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
