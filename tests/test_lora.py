@@ -134,3 +134,34 @@ def test_lora_pipeline_sft_then_dpo(tmp_path, tiny_path, merge):
     ]  # fmt: skip
     assert any("q_proj" in n for n in changed)
     assert not any("embed_tokens" in n or "norm" in n for n in changed)  # LoRA left them alone
+
+
+RM_CONFIG = """
+run: {{name: lora-rm, output_dir: {out}, seed: 0}}
+model: {{path: tiny://arithmetic, lora: {{r: 4}}}}
+tracking: {{backend: jsonl}}
+stages:
+  - name: rm
+    algo: rm
+    data: {{source: builtin://arithmetic_pairs, split: train, limit: 32}}
+    train: {{lr: 1.0e-3, batch_size: 8, max_steps: 3}}
+"""
+
+
+def test_lora_reward_model_trains_adapter_and_head_and_saves_a_plain_scorer(tmp_path, tiny_path):
+    from posttrain.stages.rm import load_reward_model
+    from rewards import resolve_reward
+
+    model, _ = load_reward_model(tiny_path, "float32", "cpu", 0, LoraSpec(r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    assert all("lora_" in n or "score" in n for n in trainable)
+    path = tmp_path / "rm.yaml"
+    path.write_text(RM_CONFIG.format(out=tmp_path / "run"))
+    run_pipeline(load_config(path), path)
+    saved = tmp_path / "run" / "rm" / "model"
+    assert (saved / "config.json").is_file() and not (saved / "adapter_config.json").exists()
+    scores = resolve_reward("reward_model", args={"path": str(saved)})(
+        prompts=["1+1=", "1+1="], completions=["2", "3"]
+    )
+    assert len(scores) == 2 and scores[0] != scores[1]

@@ -261,3 +261,21 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, tiny_p
     assert got_lines == ref_lines
     if stage is GRPO:  # the policy really moved, so equality is not trivial
         assert all(r["train/grad_norm"] > 0 for r in ref_lines)
+
+
+def test_a_resumed_stage_continues_its_wandb_run(tmp_path, tiny_path, monkeypatch):
+    from tests.wandb_offline import find_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = config(tmp_path / "run", SFT, every=4)
+    cfg["tracking"] = {"backend": "wandb", "project": "posttrain-tests"}
+    run_pipeline(validate_config(cfg))
+    stage = tmp_path / "run" / "sft"
+    for name in ("checkpoint-12", "model"):
+        shutil.rmtree(stage / name)
+    (stage / "DONE").unlink()
+    run_pipeline(validate_config(cfg))  # resumes from checkpoint-8
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    runs = find_runs(tmp_path / "run")
+    assert len(runs) == 2 and {r.run_id for r in runs} == {info["wandb_ids"]["sft"]}
+    assert len({r.group for r in runs}) == 1  # the same group across the resume

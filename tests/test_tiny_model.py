@@ -58,7 +58,7 @@ def test_unknown_preset_suggests_nearest():
 
 
 def test_missing_local_model_folder_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found or has no config.json"):
+    with pytest.raises(FileNotFoundError, match="not found or has neither config.json nor adapter"):
         resolve_model_path(str(tmp_path / "nope"))
 
 

@@ -1,8 +1,8 @@
 """The reward-model stage: preference pairs -> a one-label sequence-classification model.
 
 The model is `AutoModelForSequenceClassification(num_labels=1)` built from the stage's input
-model (its body; the score head is new, seeded by the run seed; all weights are trained, also
-when `model.lora` is set) and trained with the
+model (its body; the score head is new, seeded by the run seed; with `model.lora` a LoRA adapter
+plus the score head are trained and merged into the saved model) and trained with the
 Bradley-Terry loss (`algorithms/rm.py`). Held-out pairs (`eval_pairs`) are scored before
 training, every `eval_every` steps and at the end: `eval/pair_accuracy` is the share of pairs
 with r(chosen) > r(rejected). The output folder (`<stage>/model`, with `pad_token_id` set in
@@ -26,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.algorithms import rm
-from posttrain.config.schema import DataConfig, RMStage
+from posttrain.config.schema import DataConfig, LoraSpec, RMStage
 from posttrain.data.load import DataError, Rows, keep_good, load_rows
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import DTYPES, pick_device, resolve_model_path
-from posttrain.models.lora import is_adapter_folder
+from posttrain.models.lora import is_adapter_folder, is_peft
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext
 
@@ -40,7 +40,7 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(ctx.seed)
     cfg, train = ctx.config, stage.train
     model, tokenizer = load_reward_model(
-        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed
+        ctx.input_model, cfg.model.dtype, cfg.model.device, cfg.run.seed, cfg.model.lora
     )
     pad, micro = tokenizer.pad_token_id, train.micro_batch_size
     margin_column = stage.rm.margin_column
@@ -83,14 +83,17 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
             metrics["data/skipped_rows"] = float(pairs.skipped)
         ctx.tracker.log(metrics, step)
         ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
+    if is_peft(model):  # the scorer loads a plain model: save the adapter merged in
+        model = model.merge_and_unload()
     model.save_pretrained(ctx.output_model)
     tokenizer.save_pretrained(ctx.output_model)
     return final
 
 
-def load_reward_model(path: str, dtype: str, device: str, seed: int):
+def load_reward_model(path: str, dtype: str, device: str, seed: int, lora: LoraSpec | None = None):
     """`(model, tokenizer)`: a one-label sequence-classification model from `path` (a causal
-    LM gets a new score head), `pad_token_id` set in its config, in train mode on `device`."""
+    LM gets a new score head), `pad_token_id` set in its config, in train mode on `device`.
+    With `lora`, a LoRA adapter is trained with the score head fully trainable."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = resolve_model_path(path, seed)
@@ -106,6 +109,19 @@ def load_reward_model(path: str, dtype: str, device: str, seed: int):
         resolved, num_labels=1, dtype=DTYPES[dtype]
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="SEQ_CLS",  # keeps the new score head trainable (modules_to_save)
+            ),
+        )
     model.to(pick_device(device)).train()
     return model, tokenizer
 
