@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.format import prompt_text
-from posttrain.reward_setup import reward_columns
+from posttrain.reward_setup import reward_columns, reward_inputs
 from rewards import Rubric
 from rollouts import RolloutEngine, SamplingParams
 
@@ -29,7 +29,8 @@ class Evaluator:
         groups = engine.generate(prompts, 1, greedy, self.rows)
         completions = [g.samples[0].completion for g in groups]
         ids = [g.samples[0].completion_ids for g in groups]
-        scores = self.rubric.score(prompts, completions, reward_columns(self.rows), ids)
+        shown_prompts, shown = reward_inputs(self.rows, prompts, completions)
+        scores = self.rubric.score(shown_prompts, shown, reward_columns(self.rows), ids)
         correct = [v is not None and v >= 1.0 for v in scores.components[self.accuracy_reward]]
         lengths = [len(g.samples[0].completion_ids) for g in groups]
         return {

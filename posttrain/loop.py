@@ -31,7 +31,7 @@ from posttrain.data.format import prompt_text
 from posttrain.evaluate import Evaluator, brief
 from posttrain.health import HealthMonitor, rollout_metrics
 from posttrain.learner import Learner, logprobs_forward
-from posttrain.reward_setup import reward_columns
+from posttrain.reward_setup import reward_columns, reward_inputs
 from posttrain.sync import SyncError
 from posttrain.tracking import StageTracker
 from rewards import Rubric, Scores
@@ -195,11 +195,12 @@ def _round_sampling(params: SamplingParams, rounds: int) -> SamplingParams:
 
 def _score(rubric: Rubric, groups: list[Group]) -> Scores:
     samples = [s for g in groups for s in g.samples]
+    rows = [g.row for g in groups for _ in g.samples]
+    prompts, completions = reward_inputs(
+        rows, [s.prompt for s in samples], [s.completion for s in samples]
+    )
     return rubric.score(
-        [s.prompt for s in samples],
-        [s.completion for s in samples],
-        reward_columns([g.row for g in groups for _ in g.samples]),
-        [s.completion_ids for s in samples],
+        prompts, completions, reward_columns(rows), [s.completion_ids for s in samples]
     )
 
 

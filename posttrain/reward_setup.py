@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from posttrain.config.schema import RewardErrorPolicy, RewardSpec
 from rewards import RewardTerm, Rubric, resolve_reward
@@ -14,6 +15,29 @@ def reward_columns(rows: list[dict]) -> dict[str, list]:
     """Dataset columns as keyword lists for reward functions."""
     keys = [k for k in rows[0] if k not in NOT_PASSED]
     return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def reward_inputs(
+    rows: list[dict], prompts: list[str], completions: list[str]
+) -> tuple[list[Any], list[Any]]:
+    """Prompts and completions in TRL's two formats: text for text prompts; for chat data
+    (a `prompt` list or `messages`), the prompt's messages and the completion as one
+    assistant message, so reward functions written for TRL's conversational format work."""
+    out_prompts, out_completions = [], []
+    for row, prompt, completion in zip(rows, prompts, completions, strict=True):
+        messages = row.get("prompt") if isinstance(row.get("prompt"), list) else None
+        if messages is None and isinstance(row.get("messages"), list):
+            messages = row["messages"]
+            messages = (
+                messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+            )
+        if messages is None:
+            out_prompts.append(prompt)
+            out_completions.append(completion)
+        else:
+            out_prompts.append(messages)
+            out_completions.append([{"role": "assistant", "content": completion}])
+    return out_prompts, out_completions
 
 
 def build_rubric(

@@ -168,3 +168,29 @@ def test_reward_needing_a_missing_column_fails_before_training(tmp_path, tiny_pa
     with pytest.raises(TypeError, match=r"needs column\(s\) \['solution'\]"):
         run_pipeline(cfg, config_path)
     assert not (tmp_path / "run" / "grpo" / "model").exists()
+
+
+CHAT_CONFIG = """
+run: {{name: chat, output_dir: {out}, seed: 0}}
+tracking: {{backend: jsonl}}
+stages:
+  - name: grpo
+    algo: grpo
+    iterations: 1
+    data: {{source: builtin://arithmetic, limit: 8, chat: true, system: Answer with the sum.}}
+    rollout: {{engine: hf, n: 2, max_new_tokens: 4}}
+    rewards: [{{name: exact_answer}}, {{name: trl.rewards:think_format_reward, weight: 0.0}}]
+    grpo: {{prompts_per_iteration: 2}}
+    eval: {{data: {{source: builtin://arithmetic, split: test, limit: 4, chat: true}}}}
+"""
+
+
+def test_chat_data_reaches_rewards_in_trls_conversational_format(tmp_path, tiny_path):
+    path = tmp_path / "chat.yaml"
+    path.write_text(CHAT_CONFIG.format(out=tmp_path / "run"))
+    summary = run_pipeline(load_config(path), path)
+    assert "eval/accuracy" in summary["grpo"]
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["train/reward/think_format_reward"] == 0.0  # scored, not an error
+    samples = (tmp_path / "run" / "samples-grpo.jsonl").read_text()
+    assert "<|im_start|>system\\nAnswer with the sum.<|im_end|>" in samples  # templated prompt

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config.schema import RewardSpec
-from posttrain.reward_setup import build_rubric, reward_columns
+from posttrain.reward_setup import build_rubric, reward_columns, reward_inputs
 from rewards import (
     BUILTIN,
     RewardError,
@@ -439,3 +439,34 @@ def test_trl_length_reward_receives_completion_ids():
     )
     # TRL: 0 up to max_len - cache (2 tokens), linear to -1 at max_len, -1 beyond.
     assert scores.components["overlong"] == [0.0, -1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reward_inputs: TRL's text and conversational formats
+
+
+def test_reward_inputs_text_rows_pass_text():
+    rows = [{"prompt": "1+1=", "answer": "2"}]
+    assert reward_inputs(rows, ["1+1="], ["2"]) == (["1+1="], ["2"])
+
+
+def test_reward_inputs_chat_rows_pass_messages_as_trl_does():
+    user = [{"role": "user", "content": "1+1="}]
+    rows = [
+        {"prompt": user},
+        {"messages": [*user, {"role": "assistant", "content": "2"}]},
+        {"messages": user},
+    ]
+    prompts, completions = reward_inputs(rows, ["<templated>"] * 3, ["2", "3", "4"])
+    assert prompts == [user, user, user]
+    assert completions == [[{"role": "assistant", "content": c}] for c in ("2", "3", "4")]
+
+
+def test_trl_conversational_reward_scores_chat_samples_through_the_rubric():
+    # think_format_reward reads completion[0]["content"]: TRL's conversational format
+    rubric = build_rubric([RewardSpec(name="trl.rewards:think_format_reward")], ["prompt"], None)
+    user = [{"role": "user", "content": "q"}]
+    prompts, completions = reward_inputs(
+        [{"prompt": user}] * 2, ["t"] * 2, ["<think>x</think>4", "4"]
+    )
+    assert rubric.score(prompts, completions).total == [1.0, 0.0]
