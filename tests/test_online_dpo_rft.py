@@ -153,17 +153,19 @@ def test_refresh_schedule(every, refreshed_versions):
 
 def test_kept_set_from_generated_groups_is_deduplicated(tiny):
     model, tokenizer = tiny
-    # Greedy decoding: the 4 samples of a prompt are the same text, so 3 are repeats.
+    # Greedy decoding: the 4 samples of a prompt are the same text, so 3 are repeats. The
+    # untrained model runs to the length limit, so truncated samples are allowed here.
     greedy = _generate(model, tokenizer, n=4, temperature=0.0)
     rewards = [1.0] * 24
-    prepared = rft.make_batch(greedy, rewards, RFTParams(top_k=2), tokenizer.pad_token_id)
+    params = RFTParams(top_k=2, drop_truncated=False)
+    prepared = rft.make_batch(greedy, rewards, params, tokenizer.pad_token_id)
     assert prepared.metrics["rft/duplicate_fraction"] == pytest.approx(18 / 24)
     assert prepared.metrics["rft/acceptance_rate"] == pytest.approx(6 / 24)
     assert prepared.batch.num_sequences == 6
 
     sampled = _generate(model, tokenizer, n=4)
     rewards = chars([s.completion for g in sampled for s in g.samples])
-    params = RFTParams(top_k=2, threshold=1.0)
+    params = RFTParams(top_k=2, threshold=1.0, drop_truncated=False)
     prepared = rft.make_batch(sampled, rewards, params, tokenizer.pad_token_id)
     selection = rft.select(sampled, rewards, params)
     kept = [(g, sampled[g].samples[k], rewards[4 * g + k]) for g, k in selection.indices]
@@ -287,8 +289,38 @@ def test_online_dpo_stage_end_to_end(tmp_path, tiny_path):
 
 
 def test_rft_stage_end_to_end(tmp_path, tiny_path):
-    logged = _run_stage(tmp_path, tiny_path, "rft", "rft: {prompts_per_iteration: 4, top_k: 2}")
+    logged = _run_stage(
+        tmp_path,
+        tiny_path,
+        "rft",
+        "rft: {prompts_per_iteration: 4, top_k: 2, drop_truncated: false}",
+    )
     for x in logged:
         assert x["rft/acceptance_rate"] == pytest.approx(x["rft/kept"] / 16)
         assert x["rft/kept"] == 8  # 2 distinct samples of every prompt (no repeats here)
         assert "rft/duplicate_fraction" in x and "rft/kept_reward_mean" in x
+
+
+def _sample(text: str, reason: str):
+    from rollouts.types import Sample
+
+    return Sample("p", text, [1], [2] * len(text), [0.0] * len(text), reason, 0)
+
+
+@pytest.mark.parametrize(
+    ("drop", "threshold", "kept"),
+    [
+        (True, None, [(0, 1)]),  # the best (index 0) was cut off: the next best is kept
+        (False, None, [(0, 0)]),
+        (True, 0.5, [(0, 1)]),
+        (True, 0.9, []),  # only the truncated one reached the threshold
+    ],
+)
+def test_rft_never_keeps_truncated_samples_unless_asked(drop, threshold, kept):
+    from posttrain.algorithms.rft import select
+    from posttrain.config.schema import RFTParams
+    from rollouts.types import Group
+
+    group = Group("p", [_sample("12345", "length"), _sample("12", "stop"), _sample("9", "stop")])
+    params = RFTParams(top_k=1, threshold=threshold, drop_truncated=drop)
+    assert select([group], [1.0, 0.6, 0.1], params).indices == kept

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from posttrain.algorithms import sft
@@ -34,12 +35,21 @@ class Prepared:
 
 
 def select(groups: list[Group], rewards: list[float], params: RFTParams) -> Selection:
-    """Which samples to keep: dedup by text, threshold, then top-k per prompt."""
+    """Which samples to keep: dedup by text, threshold, then top-k per prompt; with
+    `drop_truncated`, samples cut off at the length limit are never kept."""
+    grid = reward_grid(groups, rewards)
+    threshold = params.threshold
+    if params.drop_truncated:
+        truncated = torch.tensor(
+            [[s.finish_reason == "length" for s in g.samples] for g in groups], dtype=torch.bool
+        )
+        grid = grid.masked_fill(truncated, float("-inf"))
+        threshold = threshold if threshold is not None else -torch.finfo(torch.float32).max
     return select_completions(
-        reward_grid(groups, rewards),
+        grid,
         [[s.completion for s in g.samples] for g in groups],
         top_k=params.top_k,
-        threshold=params.threshold,
+        threshold=threshold,
     )
 
 

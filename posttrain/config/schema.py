@@ -312,6 +312,9 @@ class RFTParams(Strict):
     """Keep at most this many distinct completions per prompt, best first; None = no limit."""
     threshold: float | None = None
     """Keep only completions whose reward total is >= this (a verifier pass); None = any."""
+    drop_truncated: bool = True
+    """Never keep a completion cut off at `rollout.max_new_tokens` (it would teach the policy
+    to stop mid-answer, without its end-of-sequence token)."""
     epochs: int = Field(1, ge=1)
     """Optimizer steps over each iteration's kept set."""
 
