@@ -17,6 +17,8 @@ from pathlib import Path
 from posttrain.config.schema import DataConfig, PipelineConfig
 
 SIDE_STAGES = ("rm",)
+ALGORITHM_KEYS = ("grpo", "ppo", "critic", "dpo", "online_dpo", "rft", "rm")
+"""Each stage's own settings block, shown in the plan."""
 """Stages whose output is not the next stage's policy (a reward model)."""
 
 
@@ -50,7 +52,7 @@ def format_plan(cfg: PipelineConfig, config_dir: Path) -> str:
             check(spec.name, config_dir, spec.args)  # unknown names and options raise here
             extras = f" args={spec.args}" if spec.args else ""
             lines.append(f"     reward {spec.label or spec.name} (weight {spec.weight}){extras}")
-        for key in ("iterations", "train", "rollout"):
+        for key in ("iterations", *ALGORITHM_KEYS, "train", "rollout"):
             value = getattr(stage, key, None)
             if value is not None:
                 lines.append(f"     {key}: {_brief(value)}")
