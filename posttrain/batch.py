@@ -8,12 +8,13 @@ optimizer batch, so a loss normalised by them sums over micro-batches to the ful
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,31 @@ def num_rows(batch: Any) -> int:
     """Rows of a batch: dim 0 of its first tensor."""
     first = next(f for f in dataclasses.fields(batch) if isinstance(getattr(batch, f.name), Tensor))
     return getattr(batch, first.name).shape[0]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def forward_all(model: nn.Module, batch: Any, size: int, forward: Callable) -> list[Any]:
+    """`forward(model, micro)` on every micro-batch of `size` rows, in eval mode, no gradient."""
+    with eval_mode(model):
+        return [forward(model, micro) for micro in micro_batches(batch, size)]
+
+
+def concat_rows(parts: list[Any], cls: type) -> Any:
+    """Concatenate the per-micro-batch outputs (dataclasses of tensors) row-wise, on the CPU."""
+    return cls(
+        *(torch.cat([getattr(p, f.name).cpu() for p in parts]) for f in dataclasses.fields(cls))
+    )
 
 
 def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posttrain.batch import pad_right
+from posttrain.batch import eval_mode, pad_right
 from posttrain.logprobs import token_logprobs
 from rollouts import RolloutEngine
 
@@ -26,10 +26,8 @@ def probe_logprob_diff(
     """Largest |engine - trainer| logprob over every predicted token of `sequences`."""
     engine_lp = engine.logprobs(sequences)
     ids, mask = pad_right(sequences, pad_id)
-    was_training = policy.training
-    policy.eval()
-    trainer_lp = token_logprobs(policy, ids, mask).cpu()
-    policy.train(was_training)
+    with eval_mode(policy):
+        trainer_lp = token_logprobs(policy, ids, mask).cpu()
     worst = 0.0
     for row, (seq, values) in enumerate(zip(sequences, engine_lp, strict=True)):
         got = torch.tensor(values[1 : len(seq)], dtype=torch.float32)

@@ -36,6 +36,8 @@ from rewards.judge_client import (
     JudgeEndpoint,
     JudgeError,
     JudgeRequest,
+    check_reachable,
+    open_endpoint,
     raise_first,
 )
 from rewards.judge_pairwise import (
@@ -174,7 +176,7 @@ def judge_score(
             f"reference_column must name a dataset column (an identifier other than "
             f"{', '.join(_RESERVED_COLUMNS)}), got {reference_column!r}"
         )
-    endpoint = JudgeEndpoint(
+    endpoint = open_endpoint(
         base_url=base_url,
         model=model,
         api_key_env=api_key_env,
@@ -184,9 +186,9 @@ def judge_score(
         max_concurrent=max_concurrent,
         temperature=temperature,
         max_tokens=max_tokens,
-        extra_body=extra_body or {},
+        extra_body=extra_body,
+        check=False,  # reachability is checked once the options are known to be valid
     )
-    endpoint.headers()
     judge = PointwiseJudge(
         endpoint,
         criteria=criteria,
@@ -195,7 +197,7 @@ def judge_score(
         cache_dir=cache_dir,
     )
     if check_endpoint:
-        _check_reachable(endpoint)
+        check_reachable(endpoint)
 
     def reward(prompts: list, completions: list, **columns: Any) -> list[Scored | Failed | None]:
         references = None
@@ -241,30 +243,3 @@ def judge_score(
             ]
         )
     return reward
-
-
-def _check_reachable(endpoint: JudgeEndpoint) -> None:
-    """Fail at start-up, not at the first scoring call, when the judge cannot be reached."""
-    import httpx
-
-    url = endpoint.base_url.rstrip("/") + "/models"
-    try:
-        response = httpx.get(url, headers=endpoint.headers(), timeout=min(endpoint.timeout, 10.0))
-    except httpx.HTTPError as err:
-        raise ValueError(
-            f"judge endpoint {endpoint.base_url} is unreachable ({type(err).__name__}: {err}); "
-            "start the server or fix base_url"
-        ) from None
-    if response.status_code in (401, 403):
-        raise ValueError(f"judge endpoint {url} refused the API key (HTTP {response.status_code})")
-    if response.status_code != 200:
-        return  # some OpenAI-compatible servers do not list models; the endpoint answered
-    try:
-        served = [m.get("id") for m in response.json().get("data", [])]
-    except (ValueError, AttributeError):
-        return
-    if served and endpoint.model not in served:
-        raise ValueError(
-            f"judge endpoint {endpoint.base_url} does not serve model {endpoint.model!r}; "
-            f"it serves {served[:10]}"
-        )

@@ -318,3 +318,42 @@ def _error_message(response: Any) -> str:
     except (ValueError, AttributeError):
         pass
     return response.text[:500]
+
+
+def open_endpoint(
+    *, extra_body: Mapping[str, Any] | None = None, check: bool = True, **options: Any
+) -> JudgeEndpoint:
+    """A `JudgeEndpoint` from config options, checked at start-up: the key variable is set
+    and, with `check`, the server answers (see `check_reachable`)."""
+    endpoint = JudgeEndpoint(extra_body=extra_body or {}, **options)
+    endpoint.headers()
+    if check:
+        check_reachable(endpoint)
+    return endpoint
+
+
+def check_reachable(endpoint: JudgeEndpoint) -> None:
+    """Fail at start-up, not at the first scoring call, when the judge cannot be reached."""
+    import httpx
+
+    url = endpoint.base_url.rstrip("/") + "/models"
+    try:
+        response = httpx.get(url, headers=endpoint.headers(), timeout=min(endpoint.timeout, 10.0))
+    except httpx.HTTPError as err:
+        raise ValueError(
+            f"judge endpoint {endpoint.base_url} is unreachable ({type(err).__name__}: {err}); "
+            "start the server or fix base_url"
+        ) from None
+    if response.status_code in (401, 403):
+        raise ValueError(f"judge endpoint {url} refused the API key (HTTP {response.status_code})")
+    if response.status_code != 200:
+        return  # some OpenAI-compatible servers do not list models; the endpoint answered
+    try:
+        served = [m.get("id") for m in response.json().get("data", [])]
+    except (ValueError, AttributeError):
+        return
+    if served and endpoint.model not in served:
+        raise ValueError(
+            f"judge endpoint {endpoint.base_url} does not serve model {endpoint.model!r}; "
+            f"it serves {served[:10]}"
+        )

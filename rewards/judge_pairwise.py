@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rewards import judge_prompts as jp
-from rewards.judge_client import JudgeClient, JudgeEndpoint, JudgeRequest, raise_first
+from rewards.judge_client import (
+    JudgeClient,
+    JudgeEndpoint,
+    JudgeRequest,
+    open_endpoint,
+    raise_first,
+)
 from rewards.text import completion_text, prompt_text
 
 
@@ -157,8 +163,9 @@ def pairwise_judge(
     max_tokens: int | None = None,
     extra_body: Mapping[str, Any] | None = None,
 ) -> PairwiseJudge:
-    """A `PairwiseJudge` from config options; an unset key variable fails here, at start-up."""
-    endpoint = JudgeEndpoint(
+    """A `PairwiseJudge` from config options; an unset key variable or an unreachable server
+    fails here, at start-up."""
+    endpoint = open_endpoint(
         base_url=base_url,
         model=model,
         api_key_env=api_key_env,
@@ -168,9 +175,8 @@ def pairwise_judge(
         max_concurrent=max_concurrent,
         temperature=temperature,
         max_tokens=max_tokens,
-        extra_body=extra_body or {},
+        extra_body=extra_body,
     )
-    endpoint.headers()
     return PairwiseJudge(
         endpoint,
         criteria=criteria,

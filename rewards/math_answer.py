@@ -57,122 +57,21 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from rewards.answer_extract import (  # noqa: F401 - extract_answer is re-exported
+    DEFAULT_STRATEGIES,
+    STRATEGIES,
+    checked_strategies,
+    clean_answer,
+    extract_answer,
+    extract_with,
+)
 from rewards.deadline import within
 from rewards.text import completion_text
 from rewards.types import Scored
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("boxed", "answer_is", "gsm8k", "last_number", "whole")
-DEFAULT_STRATEGIES = ("boxed", "answer_is", "last_number")
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids")
-
-
-# ---------------------------------------------------------------------------------------------
-# Extraction
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
-_ANSWER_IS = re.compile(r"\banswer\b(?:\s*\*\*)?\s*(?:is(?![\w'’])\s*:?|:)(?:\s*\*\*)?", re.I)
-_GSM8K = re.compile(r"^[ \t]*####[ \t]*(.+)$", re.M)
-_NUMBER_IN_TEXT = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+|[eE][-+]?\d+)?"
-    r"|(?<![\w.])-?\.\d+"
-)
-_MATH_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-
-
-def extract_answer(text: str, *, strategies: Sequence[str] = DEFAULT_STRATEGIES) -> str | None:
-    """The final answer in `text` by the first strategy that finds one, or None."""
-    found = _extract(text, _checked_strategies("extract_answer", "strategies", strategies))
-    return found[0] if found else None
-
-
-def _extract(text: str, strategies: Sequence[str]) -> tuple[str, str] | None:
-    """(answer, strategy that found it) or None."""
-    for name in strategies:
-        answer = _clean(_EXTRACTORS[name](text) or "")
-        if answer:
-            return answer, name
-    return None
-
-
-def _boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`); None if unclosed."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    rest = text[starts[-1] :]
-    body = rest.lstrip()
-    if body.startswith("{"):
-        return _braced(body)
-    short = re.match(r"\s+([^\s$]+)", rest)  # `\boxed 5`, as in some MATH solutions
-    return short.group(1) if short else None
-
-
-def _braced(text: str) -> str | None:
-    """Content of the brace group opening `text`, skipping escaped `\\{` and `\\}`."""
-    depth, i = 0, 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[1:i]
-        i += 1
-    return None
-
-
-def _answer_is(text: str) -> str | None:
-    """What follows the last "the answer is" / "Answer:", up to the end of its sentence."""
-    matches = list(_ANSWER_IS.finditer(text))
-    if not matches:
-        return None
-    line = text[matches[-1].end() :].lstrip().split("\n", 1)[0]
-    # Up to the end of the sentence or a clause ("5, which is ..."); "(1, 2)" stays whole.
-    answer = re.split(r"\.(?:\s|$)|,\s+(?=[A-Za-z]{2})", line, maxsplit=1)[0]
-    for left, right in _MATH_WRAPPERS:  # ... or of the math span it starts with
-        end = line.find(right, len(left)) if line.startswith(left) else -1
-        if end > 0:
-            answer = line[len(left) : end]
-            break
-    if _BOXED.search(answer):
-        return _boxed(answer)
-    return answer.strip().rstrip(",;:").removesuffix("**")
-
-
-def _gsm8k(text: str) -> str | None:
-    lines = _GSM8K.findall(text)
-    return lines[-1] if lines else None
-
-
-def _last_number(text: str) -> str | None:
-    numbers = _NUMBER_IN_TEXT.findall(text)
-    return numbers[-1] if numbers else None
-
-
-_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "boxed": _boxed,
-    "answer_is": _answer_is,
-    "gsm8k": _gsm8k,
-    "last_number": _last_number,
-    "whole": lambda text: text,
-}
-
-
-def _clean(answer: str) -> str:
-    """Strip whitespace, a trailing period and one pair of math delimiters (`$..$`, `\\(..\\)`)."""
-    answer = answer.strip()
-    for left, right in _MATH_WRAPPERS:
-        if len(answer) > len(left) + len(right) and answer.startswith(left):
-            if answer.endswith(right):
-                answer = answer[len(left) : -len(right)].strip()
-            break
-    return answer.removesuffix(".").strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +85,7 @@ _RATIO = re.compile(
 
 def parse_number(text: str) -> Fraction | None:
     """`text` as an exact rational if it is a plain number, a ratio `a/b` or `\\frac{a}{b}`."""
-    text = _clean(text).removeprefix("\\$").removeprefix("$")
+    text = clean_answer(text).removeprefix("\\$").removeprefix("$")
     # LaTeX thousands separators and spaces: 1{,}000, 1\,000, 1\!000
     text = text.replace("{,}", ",").replace("\\,", "").replace("\\!", "").replace(" ", "")
     if _PLAIN_NUMBER.fullmatch(text):
@@ -332,8 +231,8 @@ def math_answer(
         raise _bad("timeout_s", "a number of seconds >= 0, or null", timeout_s)
     return MathAnswer(
         answer_column=answer_column,
-        strategies=_checked_strategies("math_answer", "strategies", strategies),
-        gold_strategies=_checked_strategies("math_answer", "gold_strategies", gold_strategies),
+        strategies=checked_strategies("math_answer", "strategies", strategies),
+        gold_strategies=checked_strategies("math_answer", "gold_strategies", gold_strategies),
         after=after,
         rel_tol=float(rel_tol),
         abs_tol=float(abs_tol),
@@ -391,14 +290,14 @@ class MathAnswer:
         gold_text = (
             "" if gold is None or (isinstance(gold, float) and math.isnan(gold)) else str(gold)
         )
-        found_gold = _extract(gold_text, self.gold_strategies)
+        found_gold = extract_with(gold_text, self.gold_strategies)
         if found_gold is None:
             return Scored(None, f"no ground truth in {gold_text[:80]!r} ({self.answer_column})")
         if self.after is not None:
             if self.after not in text:
                 return Scored(0.0, f"no {self.after!r} in the completion")
             text = text.rsplit(self.after, 1)[1]
-        found = _extract(text, self.strategies)
+        found = extract_with(text, self.strategies)
         if found is None:
             return Scored(0.0, f"no answer found ({', '.join(self.strategies)})")
         (answer, strategy), gold_answer = found, found_gold[0]
@@ -409,16 +308,6 @@ class MathAnswer:
         return Scored(
             1.0 if same else 0.0, f"{answer!r} ({strategy}) {verdict} {gold_answer!r} by {how}"
         )
-
-
-def _checked_strategies(reward: str, option: str, strategies: Any) -> tuple[str, ...]:
-    ok = isinstance(strategies, (list, tuple)) and len(strategies) > 0
-    if not ok or any(s not in STRATEGIES for s in strategies):
-        raise ValueError(
-            f"{reward}: option {option!r} must be a non-empty list of {list(STRATEGIES)}, "
-            f"got {strategies!r}"
-        )
-    return tuple(strategies)
 
 
 def _bad(option: str, expected: str, got: Any) -> ValueError:

@@ -11,14 +11,13 @@ Test: `pytest tests/test_dpo_stage.py` (math: `tests/test_dpo_loss.py`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from posttrain.batch import PairBatch, micro_batches, pad_right
+from posttrain.batch import PairBatch, concat_rows, forward_all, pad_right
 from posttrain.config.schema import DPOParams
 from posttrain.data.pairs import EncodedPair
 from posttrain.logprobs import token_logprobs
@@ -93,15 +92,9 @@ def loss(outputs: PairLogps, micro: PairBatch, cfg: DPOParams) -> tuple[Tensor, 
     return out.loss, metrics
 
 
-@torch.no_grad()
 def sequence_logps(model: nn.Module, batch: PairBatch, micro_batch_size: int) -> PairLogps:
     """Summed response logprobs of every pair (eval mode, no gradient), on the CPU."""
-    was_training = model.training
-    model.eval()
-    parts = [forward(model, m) for m in micro_batches(batch, micro_batch_size)]
-    model.train(was_training)
-    return PairLogps(*(torch.cat([getattr(p, f.name).cpu() for p in parts])
-                       for f in dataclasses.fields(PairLogps)))  # fmt: skip
+    return concat_rows(forward_all(model, batch, micro_batch_size, forward), PairLogps)
 
 
 def _pad(prompts: list[list[int]], responses: list[list[int]], pad_id: int):

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.algorithms.advantages import group_advantages, rloo_advantages, zero_variance_groups
-from posttrain.batch import GRPOBatch, micro_batches, pad_right
+from posttrain.batch import GRPOBatch, forward_all, pad_right
 from posttrain.config.schema import GRPOParams
-from posttrain.logprobs import token_logprobs
+from posttrain.learner import logprobs_forward
 from posttrain.losses.grpo import grpo_loss
 from posttrain.models.lora import reference_mode
 from rollouts import Group
@@ -165,13 +165,7 @@ def loss(
     return value, {f"grpo/{k}": v for k, v in stats.items()}
 
 
-@torch.no_grad()
 def _logprobs(model: nn.Module, batch: GRPOBatch, micro_batch_size: int) -> Tensor:
-    was_training = model.training
-    model.eval()
-    parts = [
-        token_logprobs(model, m.input_ids_BT, m.attention_mask_BT).cpu()
-        for m in micro_batches(batch, micro_batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(parts)
+    return torch.cat(
+        [p.cpu() for p in forward_all(model, batch, micro_batch_size, logprobs_forward)]
+    )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from posttrain.algorithms.advantages import masked_mean, whiten
 from posttrain.algorithms.gae import gae, kl_penalized_rewards
-from posttrain.batch import pad_right, take_rows
+from posttrain.batch import eval_mode, pad_right, take_rows
 from posttrain.config.schema import PPOParams
 from posttrain.logprobs import logprobs_from_logits, token_logprobs
 from posttrain.losses.kl import kl_estimate
@@ -273,9 +273,7 @@ def _reference_logprobs(
     if reference is None and not is_peft(policy):
         raise ValueError("ppo.kl_coef != 0 needs a reference model (or a LoRA policy)")
     model = reference if reference is not None else policy
-    was_training = model.training
-    model.eval()
-    with reference_mode(policy) if reference is None else nullcontext():
+    with eval_mode(model), reference_mode(policy) if reference is None else nullcontext():
         parts = [
             token_logprobs(
                 model, ids[s : s + micro_batch_size], attention[s : s + micro_batch_size]
@@ -284,5 +282,4 @@ def _reference_logprobs(
             .cpu()
             for s in range(0, ids.shape[0], micro_batch_size)
         ]
-    model.train(was_training)
     return torch.cat(parts)

@@ -23,7 +23,6 @@ Test: `pytest tests/test_rm_stage.py`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from posttrain.batch import micro_batches, pad_right
+from posttrain.batch import concat_rows, forward_all, pad_right
 from posttrain.config.schema import RMParams
 from posttrain.data.load import DataError
 from posttrain.data.pairs import encode_pair
@@ -183,12 +182,6 @@ def loss(outputs: PairRewards, micro: RMBatch, cfg: RMParams) -> tuple[Tensor, d
     return out.loss, metrics
 
 
-@torch.no_grad()
 def pair_rewards(model: nn.Module, batch: RMBatch, micro_batch_size: int) -> PairRewards:
     """Rewards of every pair (eval mode, no gradient), on the CPU."""
-    was_training = model.training
-    model.eval()
-    parts = [forward(model, m) for m in micro_batches(batch, micro_batch_size)]
-    model.train(was_training)
-    return PairRewards(*(torch.cat([getattr(p, f.name).cpu() for p in parts])
-                         for f in dataclasses.fields(PairRewards)))  # fmt: skip
+    return concat_rows(forward_all(model, batch, micro_batch_size, forward), PairRewards)

@@ -51,10 +51,7 @@ def load_rows(cfg: DataConfig, need: tuple[str, ...] = ("prompt",)) -> Rows:
         _shape_prompt(cfg, index, row)
         return row
 
-    kept = keep_good(rows, cfg, check)
-    if not kept:
-        raise DataError(f"{cfg.source}: every row was bad (data.on_bad_row: skip)")
-    return kept
+    return keep_good(rows, cfg, check)
 
 
 class Rows(list):
@@ -70,7 +67,8 @@ class Rows(list):
 
 def keep_good(rows: list, cfg: DataConfig, fn: Callable[[Any, int], Any]) -> Rows:
     """`fn(row, index)` for every row; a `DataError` stops, or with `on_bad_row: skip` the row
-    is left out and counted in the result's `skipped` (plus the input's own, if it has one)."""
+    is left out and counted in the result's `skipped` (plus the input's own, if it has one).
+    Nothing left is an error."""
     out, skipped = Rows(), []
     out.indices = []
     for position, row in enumerate(rows):
@@ -88,6 +86,8 @@ def keep_good(rows: list, cfg: DataConfig, fn: Callable[[Any, int], Any]) -> Row
         print(
             f"skipped {len(skipped)} bad row(s) of {cfg.source} (data.on_bad_row: skip):\n  {shown}"
         )
+    if rows and not out:
+        raise DataError(f"{cfg.source}: every row was bad (data.on_bad_row: skip)")
     return out
 
 

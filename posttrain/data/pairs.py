@@ -16,10 +16,14 @@ Test: `pytest tests/test_dpo_stage.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from posttrain.data.load import DataError
+from posttrain.config.base import DataConfig
+from posttrain.data.load import DataError, Rows, keep_good, load_rows
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,25 @@ def _check_messages(messages: Any, where: str, key: str) -> None:
         raise DataError(
             f"{where} column {key!r} must be a non-empty list of {{'role': str, 'content': str}}"
         )
+
+
+def load_pairs(
+    data: DataConfig,
+    encode: Callable[[dict[str, Any], int], P],
+    length: Callable[[P], int],
+    max_length: int,
+) -> Rows:
+    """Every pair row of `data` through `encode(row, index)`; a pair whose `length` passes
+    `max_length` is a bad row. Bad rows stop, or are skipped and counted (`on_bad_row`)."""
+    rows = load_rows(data, need=("chosen", "rejected"))
+
+    def checked(row: dict[str, Any], index: int) -> P:
+        pair = encode(row, index)
+        if (longest := length(pair)) > max_length:
+            raise DataError(
+                f"{data.source}: row {index} has {longest} tokens (prompt + longer response), "
+                f"over train.max_length={max_length}"
+            )
+        return pair
+
+    return keep_good(rows, data, checked)

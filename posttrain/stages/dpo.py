@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from posttrain.algorithms import dpo
 from posttrain.config.schema import DataConfig, DPOStage
-from posttrain.data.load import DataError, keep_good, load_rows
-from posttrain.data.pairs import EncodedPair, encode_pair
+from posttrain.data.load import Rows
+from posttrain.data.pairs import EncodedPair, encode_pair, load_pairs
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
@@ -93,24 +93,14 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
     return final
 
 
-def encode_pairs(data: DataConfig, tokenizer, max_length: int) -> list[EncodedPair]:
+def encode_pairs(data: DataConfig, tokenizer, max_length: int) -> Rows:
     """Encoded pairs; bad rows stop the stage, or are skipped and counted (`on_bad_row`)."""
-    rows = load_rows(data, need=("chosen", "rejected"))
-
-    def encode(row: dict, index: int) -> EncodedPair:
-        pair = encode_pair(row, tokenizer, data.source, index)
-        longest = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-        if longest > max_length:
-            raise DataError(
-                f"{data.source}: row {index} has {longest} tokens (prompt + longer response), "
-                f"over train.max_length={max_length}"
-            )
-        return pair
-
-    pairs = keep_good(rows, data, encode)
-    if not pairs:
-        raise DataError(f"{data.source}: every row was bad (data.on_bad_row: skip)")
-    return pairs
+    return load_pairs(
+        data,
+        lambda row, index: encode_pair(row, tokenizer, data.source, index),
+        lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)),
+        max_length,
+    )
 
 
 def pair_logps(model, pairs: list[EncodedPair], pad: int, micro: int) -> dpo.PairLogps:

@@ -117,15 +117,6 @@ def run_iterative(
     )
     learner = Learner(model, stage.train, stage.iterations * algorithm.passes)
     sampler = PromptSampler(rows, prompts_per_iteration, ctx.seed)
-    # Modules an algorithm changes besides the policy (a refreshed reference) are checkpointed.
-    ctx.checkpointer.modules.update(getattr(algorithm, "state_modules", {}))
-    state = ctx.resume(learner)
-    if state is not None:
-        sampler.load_state(state["sampler"])
-
-    def checkpoint(iteration: int, loop_state: dict) -> None:
-        ctx.checkpoint(iteration, stage.iterations, learner, sampler=sampler.state(), **loop_state)
-
     parts = LoopParts(
         name=f"{stage.name} ({stage.algo})",
         iterations=stage.iterations,
@@ -144,17 +135,32 @@ def run_iterative(
         probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
         probe_size=r.sync_probe,
         max_logprob_diff=r.max_logprob_diff,
-        start=state["step"] if state else 0,
-        final=state["final"] if state else None,
-        health=state["health"] if state else None,
-        checkpoint=checkpoint,
     )
-    try:
-        final = run_loop(parts)
-    finally:
-        engine.close()
+    final = run_resumable(stage, ctx, parts, sampler)
     save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
     return final
+
+
+def run_resumable(
+    stage: Any, ctx: StageContext, parts: LoopParts, sampler: PromptSampler
+) -> dict[str, float]:
+    """Continue from the stage's newest checkpoint (if any), run the loop with checkpoints,
+    and close the engine; returns the last evaluation."""
+    # Modules an algorithm changes besides the policy (a refreshed reference) are checkpointed.
+    ctx.checkpointer.modules.update(getattr(parts.algorithm, "state_modules", {}))
+    learner = parts.learner
+    if (state := ctx.resume(learner)) is not None:
+        sampler.load_state(state["sampler"])
+        parts.start, parts.final, parts.health = state["step"], state["final"], state["health"]
+
+    def checkpoint(iteration: int, loop_state: dict) -> None:
+        ctx.checkpoint(iteration, stage.iterations, learner, sampler=sampler.state(), **loop_state)
+
+    parts.checkpoint = checkpoint
+    try:
+        return run_loop(parts)
+    finally:
+        parts.engine.close()
 
 
 def _sampling(stage: IterativeStage, seed: int, iteration: int) -> SamplingParams:

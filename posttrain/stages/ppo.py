@@ -25,13 +25,14 @@ from posttrain.config.schema import PPOStage
 from posttrain.data.load import load_rows
 from posttrain.engines import build_engine
 from posttrain.learner import Learner
-from posttrain.loop import LoopParts, run_loop
+from posttrain.loop import LoopParts
 from posttrain.models.critic import Critic, build_critic
 from posttrain.models.load import DTYPES, load_policy, resolve_model_path
 from posttrain.models.lora import is_peft, save_policy
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
+from posttrain.stages.grpo import run_resumable
 from posttrain.sync import probe_logprob_diff
 from rollouts import SamplingParams
 
@@ -48,20 +49,8 @@ class PPORun:
 
 def run(stage: PPOStage, ctx: StageContext) -> dict[str, float]:
     built = build(stage, ctx)
-    ctx.checkpointer.modules["critic"] = built.critic
-    learner, sampler = built.parts.learner, built.sampler
-    if (state := ctx.resume(learner)) is not None:  # policy, critic, optimizer, RNG, sampler
-        sampler.load_state(state["sampler"])
-        built.parts.start, built.parts.final = state["step"], state["final"]
-
-    def checkpoint(iteration: int, final: dict[str, float]) -> None:
-        ctx.checkpoint(iteration, stage.iterations, learner, sampler=sampler.state(), final=final)
-
-    built.parts.checkpoint = checkpoint
-    try:
-        final = run_loop(built.parts)
-    finally:
-        built.parts.engine.close()
+    ctx.checkpointer.modules["critic"] = built.critic  # not part of the policy
+    final = run_resumable(stage, ctx, built.parts, built.sampler)
     model, tokenizer = built.parts.learner.model, built.parts.tokenizer
     save_policy(model, tokenizer, ctx.output_model, ctx.config.model.lora)
     built.critic.save(ctx.stage_dir / "critic")

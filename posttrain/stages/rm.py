@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from posttrain.algorithms import rm
 from posttrain.config.schema import DataConfig, LoraSpec, RMStage
-from posttrain.data.load import DataError, Rows, keep_good, load_rows
+from posttrain.data.load import Rows
+from posttrain.data.pairs import load_pairs
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import DTYPES, pick_device, resolve_model_path
@@ -128,22 +129,12 @@ def load_reward_model(path: str, dtype: str, device: str, seed: int, lora: LoraS
 
 def encode_pairs(data: DataConfig, tokenizer, max_length: int, margin_column: str | None) -> Rows:
     """Encoded pairs; bad rows stop the stage, or are skipped and counted (`on_bad_row`)."""
-    rows = load_rows(data, need=("chosen", "rejected"))
-
-    def encode(row: dict, index: int) -> rm.RMPair:
-        pair = rm.encode_rm_pair(row, tokenizer, data.source, index, margin_column)
-        longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
-        if longest > max_length:
-            raise DataError(
-                f"{data.source}: row {index} has {longest} tokens (prompt + longer response), "
-                f"over train.max_length={max_length}"
-            )
-        return pair
-
-    pairs = keep_good(rows, data, encode)
-    if not pairs:
-        raise DataError(f"{data.source}: every row was bad (data.on_bad_row: skip)")
-    return pairs
+    return load_pairs(
+        data,
+        lambda row, index: rm.encode_rm_pair(row, tokenizer, data.source, index, margin_column),
+        lambda p: max(len(p.chosen_ids), len(p.rejected_ids)),
+        max_length,
+    )
 
 
 def pair_metrics(model, pairs: list[rm.RMPair], pad: int, micro: int) -> dict[str, float]:

@@ -38,8 +38,6 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
         return prompt_ids, completion_ids
 
     examples = keep_good(rows, stage.data, encode)
-    if not examples:
-        raise DataError(f"{stage.data.source}: every row was bad (data.on_bad_row: skip)")
     train = stage.train
     steps = train.max_steps or max(1, math.ceil(train.epochs * len(examples) / train.batch_size))
     learner = Learner(model, train, steps)
