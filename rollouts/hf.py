@@ -3,18 +3,24 @@
 The engine can share its model object with the trainer (the usual case on one device): then
 `load_weights` only bumps the policy version. Given another module or a state dict, it copies
 the weights in. Prompts are left-padded so every row decodes in lock-step; finished rows keep
-decoding padding until the whole micro-batch is done (simple and fast at small lengths).
+decoding padding until the whole micro-batch is done.
 
-Test: `pytest tests/test_rollouts_hf.py`.
+Llama-family models decode through `rollouts/static_decode.py` (a static KV cache, attention
+that reads grouped KV heads once, the step replayed as a CUDA graph on GPU); other models, or
+`static_cache=False`, use transformers' own cache. Sampling runs on the model's device.
+
+Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from rollouts.static_decode import StaticDecoder, unsupported
 from rollouts.types import Group, Sample, SamplingParams
 
 
@@ -23,17 +29,29 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch_size: int = 256,
+        static_cache: bool = True,
+        compile: bool | None = None,
+    ) -> None:
+        """`static_cache`: decode through `StaticDecoder` when the model allows it. `compile`:
+        `torch.compile` its decode step; None = on CUDA only (compiling pays off there)."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.version = 0
-        self._generator = torch.Generator().manual_seed(0)
+        self._generators: dict[str, torch.Generator] = {}
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         )
+        self.static_cache = static_cache and unsupported(model) is None
+        self.compile = compile
+        self._decoder: StaticDecoder | None = None
 
     def load_weights(self, source: Any, version: int) -> None:
         if source is not self.model:
@@ -45,7 +63,7 @@ class HFEngine:
         self.model = None
 
     def sleep(self) -> None:
-        """Nothing to free: the engine shares (or holds) a plain model."""
+        """Nothing to free: the static cache lives only during `generate`."""
 
     @torch.no_grad()
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -63,6 +81,15 @@ class HFEngine:
         values = (picked - torch.logsumexp(logits[:, :-1], -1)).cpu().tolist()
         return [[0.0] + row[: len(seq) - 1] for row, seq in zip(values, sequences, strict=True)]
 
+    def _generator(self, device: torch.device, seed: int | None) -> torch.Generator:
+        """A fresh generator for a seeded call, else the engine's own one for `device`."""
+        if seed is not None:
+            return torch.Generator(device).manual_seed(seed)
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed(0)
+        return self._generators[key]
+
     @torch.no_grad()
     def generate(
         self, prompts: list[str], n: int, sampling: SamplingParams, rows: list[dict] | None = None
@@ -70,9 +97,8 @@ class HFEngine:
         rows = rows if rows is not None else [{} for _ in prompts]
         if len(rows) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(rows)} rows")
-        generator = self._generator
-        if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
+        device = next(self.model.parameters()).device
+        generator = self._generator(device, sampling.seed)
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
         samples: list[list[Sample]] = [[] for _ in prompts]
@@ -81,7 +107,7 @@ class HFEngine:
         try:
             for start in range(0, len(flat), self.batch_size):
                 chunk = flat[start : start + self.batch_size]
-                outs = self._decode([ids for _, ids in chunk], sampling, generator)
+                outs = self.decode([ids for _, ids in chunk], sampling, generator)
                 for (i, ids), (comp, logps, reason) in zip(chunk, outs, strict=True):
                     text = self.tokenizer.decode(comp, skip_special_tokens=True)
                     samples[i].append(
@@ -91,9 +117,12 @@ class HFEngine:
             self.model.train(was_training)
         return [Group(p, s, r) for p, s, r in zip(prompts, samples, rows, strict=True)]
 
-    def _decode(
+    @torch.no_grad()
+    def decode(
         self, prompt_ids: list[list[int]], sampling: SamplingParams, generator: torch.Generator
     ) -> list[tuple[list[int], list[float], str]]:
+        """Sample completions of token-id prompts in one lock-step batch: per row the completion
+        ids, their logprobs and the finish reason."""
         device = next(self.model.parameters()).device
         batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
@@ -102,49 +131,81 @@ class HFEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = positions[:, -1:] + 1
+        if self.static_cache:
+            session = self._static_decoder(device).start(input_ids, mask, sampling.max_new_tokens)
+            logits, step = session.first_logits, session.step
+        else:
+            logits, step = self._transformers_steps(input_ids, mask)
+        stop_ids = set() if sampling.ignore_eos else self.stop_ids
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        # Each "all rows done?" check waits for the device; on GPU look every few steps.
+        check_every = 1 if device.type == "cpu" else 8
         tokens_BT, logps_BT = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        stop = torch.tensor(sorted(self.stop_ids), device=device)
-        for _ in range(sampling.max_new_tokens):
+        for t in range(sampling.max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)
             token = _choose(logp, sampling, generator)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             tokens_BT.append(token)
             logps_BT.append(logp.gather(-1, token[:, None]).squeeze(-1))
-            done = done | torch.isin(token, stop)
-            if bool(done.all()):
+            if len(stop_ids):
+                done = done | torch.isin(token, stop)
+            last = t == sampling.max_new_tokens - 1
+            if last or ((t + 1) % check_every == 0 and bool(done.all())):
                 break
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], 1)
+            logits = step(token)
+        tokens, logps = torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
+        return _finish(tokens, logps, stop_ids)
+
+    def _static_decoder(self, device: torch.device) -> StaticDecoder:
+        """One decoder per engine, so a compiled step is reused across calls."""
+        if self._decoder is None:
+            compile = device.type == "cuda" if self.compile is None else self.compile
+            self._decoder = StaticDecoder(self.model, compile=compile)
+        return self._decoder
+
+    def _transformers_steps(
+        self, input_ids: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The prefill logits and a one-token step on transformers' own (dynamic) cache."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        state = {"cache": out.past_key_values, "mask": mask, "pos": positions[:, -1:] + 1}
+
+        def step(token: Tensor) -> Tensor:
+            ones = torch.ones_like(state["mask"][:, :1])
+            state["mask"] = torch.cat([state["mask"], ones], 1)
             out = self.model(
                 input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
+                attention_mask=state["mask"],
+                position_ids=state["pos"],
+                past_key_values=state["cache"],
                 use_cache=True,
             )
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-        tokens = torch.stack(tokens_BT, 1).tolist()
-        logps = torch.stack(logps_BT, 1).tolist()
-        results = []
-        for row_tokens, row_logps in zip(tokens, logps, strict=True):
-            length, reason = len(row_tokens), "length"
-            for j, tok in enumerate(row_tokens):
-                if tok in self.stop_ids:
-                    length, reason = j + 1, "stop"
-                    break
-            results.append((row_tokens[:length], row_logps[:length], reason))
-        return results
+            state["cache"], state["pos"] = out.past_key_values, state["pos"] + 1
+            return out.logits[:, -1]
+
+        return out.logits[:, -1], step
 
 
-def _choose(
-    logp: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
-) -> torch.Tensor:
+def _finish(
+    tokens: list[list[int]], logps: list[list[float]], stop_ids: set[int]
+) -> list[tuple[list[int], list[float], str]]:
+    """Cut each row after its first stop token (the rest is padding)."""
+    results = []
+    for row_tokens, row_logps in zip(tokens, logps, strict=True):
+        length, reason = len(row_tokens), "length"
+        for j, tok in enumerate(row_tokens):
+            if tok in stop_ids:
+                length, reason = j + 1, "stop"
+                break
+        results.append((row_tokens[:length], row_logps[:length], reason))
+    return results
+
+
+def _choose(logp: Tensor, sampling: SamplingParams, generator: torch.Generator) -> Tensor:
     """Pick one token per row: greedy at temperature 0, else temperature + nucleus sampling."""
     if sampling.temperature == 0:
         return logp.argmax(-1)
@@ -154,4 +215,4 @@ def _choose(
         outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logp.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -21,6 +21,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     """Seed for this call's sampling; None draws from the engine's own generator."""
+    ignore_eos: bool = False
+    """Keep sampling past end-of-sequence tokens up to `max_new_tokens` (benchmarks)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

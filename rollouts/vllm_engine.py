@@ -78,6 +78,7 @@ class VLLMEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
+                ignore_eos=sampling.ignore_eos,
                 logprobs=0,
                 flat_logprobs=True,  # one list per sample instead of a dict per token
                 # One seed per prompt: a shared seed would draw the same noise for every prompt.

@@ -240,6 +240,7 @@ class VLLMServerEngine:
                 "prompt": [prompt_ids[i] for i in indices],
                 "n": n,
                 "max_tokens": sampling.max_new_tokens,
+                "ignore_eos": sampling.ignore_eos,
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
                 "logprobs": 0,

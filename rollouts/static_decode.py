@@ -1,0 +1,232 @@
+"""Fast decoding for Llama-family models: a static KV cache, grouped-query attention that never
+expands the KV heads, and (on CUDA) the one-token step replayed as a CUDA graph.
+
+The decoder runs the model's own submodules (embedding, norms, the q/k/v/o projections, LoRA-
+wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
+weights: nothing is copied and nothing needs syncing. Only the attention is its own: the
+queries of the heads that share a KV head are laid side by side, so each KV head is read once
+(`_attend`). The cache lives only for one `generate` call, so the memory goes back to the
+trainer between rollouts.
+
+Supported: model types in `SUPPORTED` with full attention in every layer; `unsupported(model)`
+says why another model falls back to the plain transformers loop.
+
+Test: `pytest tests/test_static_decode.py` (logits equal to the transformers forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The `*ForCausalLM` module inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the static decoder cannot run `model`, or None when it can."""
+    lm = causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (static decoding supports {', '.join(SUPPORTED)})"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        return "sliding-window attention layers"
+    if kind == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        return "sliding-window attention"
+    body = getattr(lm, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if body is None or not all(hasattr(body, n) for n in needed) or not hasattr(lm, "lm_head"):
+        return "an unexpected module layout"
+    return None
+
+
+@dataclass
+class _Cache:
+    keys: list[Tensor]
+    """Per layer `[B, kv_heads, S, head_dim]`."""
+    values: list[Tensor]
+    valid_BS: Tensor
+    """True where a slot holds a real token (not left padding, not yet written)."""
+
+
+class StaticDecoder:
+    """Prefill a left-padded batch into a static cache, then decode one token per call."""
+
+    def __init__(self, model: nn.Module, cuda_graphs: bool = True, compile: bool = False) -> None:
+        """`cuda_graphs`: replay the decode step as a CUDA graph (CUDA only). `compile`: run
+        the decode step through `torch.compile` first (fuses the small kernels of a step; the
+        first call of each batch shape compiles)."""
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"static decoding cannot run this model: {reason}")
+        self.lm = causal_lm(model)
+        self.body = self.lm.model
+        cfg = self.lm.config
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = self.body.layers[0].self_attn.head_dim
+        self.cuda_graphs = cuda_graphs
+        self.compiled = compile
+        self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
+
+    # -- one pass of the decoder over T new positions -----------------------------------------
+
+    def _forward(self, cache: _Cache, ids_BT: Tensor, pos_BT: Tensor, slots: Any) -> Tensor:
+        """Run `ids_BT` at positions `pos_BT`, writing their keys/values at cache `slots` (a
+        slice for the prefill, a 1-element index tensor for a decode step). Returns the last
+        position's hidden state after the final norm, `[B, hidden]`."""
+        h = self.body.embed_tokens(ids_BT)
+        cos, sin = self.body.rotary_emb(h, pos_BT)
+        cos, sin = cos[:, None], sin[:, None]
+        B, T = ids_BT.shape
+        allowed = _allowed(cache.valid_BS, slots, T)
+        for i, layer in enumerate(self.body.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, T, -1, self.head_dim)
+            k = attn.k_proj(x).view(B, T, -1, self.head_dim)
+            v = attn.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            _write(cache.keys[i], slots, k)
+            _write(cache.values[i], slots, v)
+            out = _attend(q, cache.keys[i], cache.values[i], allowed, attn.scaling)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.body.norm(h[:, -1])
+
+    def logits(self, hidden_BH: Tensor) -> Tensor:
+        return self.lm.lm_head(hidden_BH)
+
+    def _step(self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor) -> Tensor:
+        """One decode step: the logits after `token_B`, written at cache `slot`."""
+        return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot))
+
+    # -- a generation session -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def start(self, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: int) -> DecodeSession:
+        """Prefill left-padded prompts; the session then decodes up to `max_new_tokens`."""
+        B, P = ids_BP.shape
+        S = P + max_new_tokens
+        if self.compiled:  # few cache lengths, so few compilations
+            S = -(-S // 128) * 128
+        device, dtype = ids_BP.device, self.body.embed_tokens.weight.dtype
+        shape = (B, self.kv_heads, S, self.head_dim)
+        cache = _Cache(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
+            valid_BS=torch.zeros((B, S), dtype=torch.bool, device=device),
+        )
+        cache.valid_BS[:, :P] = mask_BP.bool()
+        positions = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+        hidden = self._forward(cache, ids_BP, positions, slice(0, P))
+        use_graph = self.cuda_graphs and device.type == "cuda"
+        return DecodeSession(self, cache, positions[:, -1] + 1, P, self.logits(hidden), use_graph)
+
+
+class DecodeSession:
+    """The cache of one batch, stepping one token at a time (`step(tokens_B) -> logits_BV`)."""
+
+    def __init__(
+        self,
+        decoder: StaticDecoder,
+        cache: _Cache,
+        next_pos_B: Tensor,
+        first_slot: int,
+        first_logits: Tensor,
+        use_graph: bool,
+    ) -> None:
+        self.decoder, self.cache = decoder, cache
+        self.first_logits = first_logits
+        device = next_pos_B.device
+        self._token_B = torch.zeros_like(next_pos_B)
+        self._pos_B = next_pos_B.clone()
+        self._slot = torch.tensor([first_slot], device=device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: Tensor | None = None
+        self._use_graph = use_graph
+
+    def _run(self) -> Tensor:
+        return self.decoder.decode_step(self.cache, self._token_B, self._pos_B, self._slot)
+
+    @torch.no_grad()
+    def step(self, tokens_B: Tensor) -> Tensor:
+        """Feed the tokens just sampled; returns the logits for the next ones."""
+        self._token_B.copy_(tokens_B)
+        if not self._use_graph:
+            out = self._run()
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            out = self._out
+        self._pos_B += 1
+        self._slot += 1
+        return out
+
+    def _capture(self) -> None:
+        """Record one step as a CUDA graph. The warm-up step on a side stream writes the same
+        slot that the first replay writes again, so the cache stays right."""
+        cache_state = self.cache.valid_BS.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.valid_BS.copy_(cache_state)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._out = self._run()
+        self.cache.valid_BS.copy_(cache_state)
+
+
+def _write(cache_BKSD: Tensor, slots: Any, new_BKTD: Tensor) -> None:
+    if isinstance(slots, slice):
+        cache_BKSD[:, :, slots] = new_BKTD
+    else:
+        cache_BKSD.index_copy_(2, slots, new_BKTD)
+
+
+def _allowed(valid_BS: Tensor, slots: Any, T: int) -> Tensor:
+    """`[B, T, S]`: query t may see the written, real slots up to its own. Each query also sees
+    itself, so left-padding rows stay finite."""
+    S = valid_BS.shape[1]
+    if isinstance(slots, slice):
+        query_slot = torch.arange(slots.start, slots.start + T, device=valid_BS.device)
+    else:
+        valid_BS.index_fill_(1, slots, True)
+        query_slot = slots
+    key_slot = torch.arange(S, device=valid_BS.device)
+    causal_TS = key_slot[None, :] <= query_slot[:, None]
+    own_TS = key_slot[None, :] == query_slot[:, None]
+    return (valid_BS[:, None, :] & causal_TS[None]) | own_TS[None]
+
+
+def _attend(q_BHTD: Tensor, k_BKSD: Tensor, v_BKSD: Tensor, allowed_BTS: Tensor, scale: float):
+    """Attention with the G query heads of each KV head folded into the query length, so the
+    KV heads are read as they are (no repeat to H heads). Returns `[B, H, T, D]`."""
+    B, H, T, D = q_BHTD.shape
+    K = k_BKSD.shape[1]
+    G = H // K
+    q = q_BHTD.reshape(B, K, G * T, D)
+    mask = allowed_BTS[:, None, None].expand(B, 1, G, T, allowed_BTS.shape[-1])
+    mask = mask.reshape(B, 1, G * T, -1)
+    out = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
+    return out.reshape(B, H, T, D)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,158 @@
+"""The static-cache decoder computes the same logits as the plain transformers forward.
+
+In float32 on CPU the two agree to rounding (1e-5), for the prefill of left-padded prompts
+and for every decode step after it, on each supported architecture, with a LoRA adapter, and
+through the HF engine (greedy tokens identical with the static cache on and off). The GPU
+variant (bf16, CUDA graphs) is `test_static_decode_cuda_bf16`, marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rollouts import SamplingParams, create_engine
+from rollouts.static_decode import StaticDecoder, unsupported
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=128,
+)
+
+
+def _random_model(kind: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **SMALL, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _left_padded(batch: int, lengths: list[int], vocab: int, device="cpu"):
+    width = max(lengths)
+    ids = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    gen = torch.Generator().manual_seed(1)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, vocab, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _reference_logits(model, ids, mask):
+    """transformers' own forward: logits of the last position."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return out.logits[:, -1].float()
+
+
+def _check_steps(model, ids, mask, steps: int, atol: float, compile: bool = False) -> float:
+    """Prefill + `steps` decode steps, each compared with a full forward; the worst gap."""
+    gen = torch.Generator().manual_seed(2)
+    session = StaticDecoder(model, compile=compile).start(ids, mask, max_new_tokens=steps + 1)
+    logits, worst = session.first_logits, 0.0
+    for _ in range(steps + 1):
+        expected = _reference_logits(model, ids, mask)
+        gap = (logits.float() - expected).abs().max().item()
+        assert gap <= atol, gap
+        worst = max(worst, gap)
+        token = torch.randint(1, SMALL["vocab_size"], (ids.shape[0],), generator=gen)
+        token = token.to(ids.device)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        logits = session.step(token)
+    return worst
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("qwen2", {}),
+        ("llama", {}),
+        ("qwen3", {"head_dim": 16}),
+        ("mistral", {"sliding_window": None}),
+    ],
+)
+@torch.no_grad()
+def test_prefill_and_steps_match_transformers(kind, extra):
+    model = _random_model(kind, **extra)
+    assert unsupported(model) is None
+    ids, mask = _left_padded(4, [7, 3, 5, 1], SMALL["vocab_size"])
+    _check_steps(model, ids, mask, steps=6, atol=1e-5)
+
+
+@torch.no_grad()
+def test_lora_adapter_is_applied():
+    from peft import LoraConfig, get_peft_model
+
+    model = _random_model("qwen2")
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config).eval()
+    ids, mask = _left_padded(3, [4, 6, 2], SMALL["vocab_size"])
+    _check_steps(peft_model, ids, mask, steps=3, atol=1e-5)
+    with peft_model.disable_adapter():
+        base = _reference_logits(peft_model, ids, mask)
+    lora = StaticDecoder(peft_model).start(ids, mask, 1).first_logits
+    assert (lora - base).abs().max() > 1e-3  # the adapter really changes the output
+
+
+def test_unsupported_models_fall_back_to_transformers_cache(tiny):
+    model, tokenizer = tiny
+    assert unsupported(model) is None
+    gpt2 = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=400)
+    )
+    assert "gpt2" in unsupported(gpt2)
+    sliding = _random_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert "sliding" in unsupported(sliding)
+    with pytest.raises(ValueError, match="static decoding cannot run"):
+        StaticDecoder(gpt2)
+    engine = create_engine("hf", model=gpt2, tokenizer=tokenizer)
+    assert engine.static_cache is False
+    groups = engine.generate(["1+1="], 2, SamplingParams(max_new_tokens=3, seed=0))
+    assert all(1 <= len(s.completion_ids) <= 3 for s in groups[0].samples)
+
+
+def test_engine_greedy_identical_with_and_without_static_cache(tiny):
+    model, tokenizer = tiny
+    prompts = ["12+34=", "7+8=", "99+99=", "5+5="]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0)
+    fast = create_engine("hf", model=model, tokenizer=tokenizer, batch_size=3)
+    plain = create_engine("hf", model=model, tokenizer=tokenizer, batch_size=3, static_cache=False)
+    assert fast.static_cache and not plain.static_cache
+    a = [s for g in fast.generate(prompts, 2, greedy) for s in g.samples]
+    b = [s for g in plain.generate(prompts, 2, greedy) for s in g.samples]
+    assert [s.completion_ids for s in a] == [s.completion_ids for s in b]
+    assert [s.finish_reason for s in a] == [s.finish_reason for s in b]
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0
+        )
+
+
+def test_ignore_eos_runs_to_the_limit(tiny):
+    model, tokenizer = tiny
+    engine = create_engine("hf", model=model, tokenizer=tokenizer)
+    sampling = SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True)
+    samples = [s for g in engine.generate(["1+2="], 16, sampling) for s in g.samples]
+    assert all(len(s.completion_ids) == 12 and s.finish_reason == "length" for s in samples)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+@torch.no_grad()
+def test_static_decode_cuda_bf16(compile):
+    """On GPU: the CUDA-graph step in bf16 (compiled or not) stays within bf16 rounding of
+    transformers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _random_model("qwen2").to("cuda", torch.bfloat16)
+    ids, mask = _left_padded(8, [7, 3, 5, 1, 8, 8, 2, 6], SMALL["vocab_size"], device="cuda")
+    worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile)
+    print(f"compile={compile}: largest bf16 logit gap {worst:.4f}")
