@@ -23,13 +23,16 @@ class SyncError(RuntimeError):
 def probe_logprob_diff(
     engine: RolloutEngine, policy: nn.Module, sequences: list[list[int]], pad_id: int
 ) -> float:
-    """Largest |engine - trainer| logprob over every predicted token of `sequences`."""
-    engine_lp = engine.logprobs(sequences)
+    """Largest |engine - trainer| logprob over every predicted token of `sequences`; for an
+    engine with several workers (a Ray pool's `worker_logprobs`), the largest over all."""
+    per_worker = getattr(engine, "worker_logprobs", None)
+    engine_lps = per_worker(sequences) if per_worker else [engine.logprobs(sequences)]
     ids, mask = pad_right(sequences, pad_id)
     with eval_mode(policy):
         trainer_lp = token_logprobs(policy, ids, mask).cpu()
     worst = 0.0
-    for row, (seq, values) in enumerate(zip(sequences, engine_lp, strict=True)):
-        got = torch.tensor(values[1 : len(seq)], dtype=torch.float32)
-        worst = max(worst, (got - trainer_lp[row, 1 : len(seq)]).abs().max().item())
+    for engine_lp in engine_lps:
+        for row, (seq, values) in enumerate(zip(sequences, engine_lp, strict=True)):
+            got = torch.tensor(values[1 : len(seq)], dtype=torch.float32)
+            worst = max(worst, (got - trainer_lp[row, 1 : len(seq)]).abs().max().item())
     return worst

@@ -9,7 +9,9 @@ __all__ = ["FinishReason", "Group", "RolloutEngine", "Sample", "SamplingParams",
 
 
 def create_engine(name: str, **kwargs):
-    """Build an engine by name: `hf`, `vllm`, `vllm-server`. vLLM is imported only here."""
+    """Build an engine by name: `hf`, `vllm`, `vllm-server`, `ray` (a pool of `hf` or `vllm`
+    engine actors: `RayPool(engine, model_path, tokenizer, options)`). vLLM and Ray are
+    imported only here."""
     if name == "hf":
         from rollouts.hf import HFEngine
 
@@ -22,4 +24,10 @@ def create_engine(name: str, **kwargs):
         from rollouts.vllm_server import VLLMServerEngine
 
         return VLLMServerEngine(**kwargs)
-    raise ValueError(f"unknown rollout engine {name!r}; expected one of: hf, vllm, vllm-server")
+    if name == "ray":
+        from rollouts.ray_pool import RayPool
+
+        return RayPool(**kwargs)
+    raise ValueError(
+        f"unknown rollout engine {name!r}; expected one of: hf, vllm, vllm-server, ray"
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -199,6 +199,36 @@ class RolloutConfig(Strict):
     with the trainer's (0 = off)."""
     max_logprob_diff: float = Field(1e-2, gt=0)
     """Stop the run when the probe's largest absolute logprob difference passes this."""
+    workers: int = Field(1, ge=1)
+    """Engines sampling in parallel. 1: the engine runs in the trainer's process. > 1: a Ray
+    pool of that many `hf` or `vllm` engine actors (one GPU each where the cluster has GPUs);
+    prompts are split across them and the weights pushed to all after every update."""
+    ray_address: str | None = None
+    """`workers` > 1: the Ray cluster to join (e.g. `ray://head:10001` or `auto`); None starts
+    a local Ray for the stage."""
+    worker_restarts: int = Field(3, ge=0)
+    """`workers` > 1: actors that die are replaced (with the latest weights, their prompts
+    re-sent) this many times per stage; one more death stops the run."""
+
+    @model_validator(mode="after")
+    def _pool_engine(self) -> RolloutConfig:
+        if self.workers > 1 and self.engine == "vllm-server":
+            raise ValueError(
+                "rollout.workers > 1 runs a Ray pool of engine actors, each with its own `hf` or "
+                "`vllm` engine; `vllm-server` cannot be pooled: set rollout.engine to vllm (or "
+                "hf), or rollout.workers to 1"
+            )
+        if self.workers > 1 and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "rollout.workers > 1 gives each engine actor one GPU: tensor_parallel_size > 1 "
+                "is not supported in a Ray pool; set one of them to 1"
+            )
+        if self.workers == 1 and self.ray_address is not None:
+            raise ValueError(
+                "rollout.ray_address is used only by a Ray pool: set rollout.workers > 1 or "
+                "remove ray_address"
+            )
+        return self
 
 
 class SFTTrainConfig(OptimConfig):
