@@ -7,6 +7,13 @@ A checkpoint is a folder `<stage>/checkpoint-<step>/` holding
 - `rng.pt`: Python, NumPy and torch (CPU and CUDA) random states;
 - `state.json`: the step, the sampler's position, and whatever the stage adds.
 
+Under several processes (`posttrain.distributed`) rank 0 writes the checkpoint and the others
+wait; each process keeps its own RNG state (`rng.pt` is rank 0's, `rng-<rank>.pt` the others').
+When the policy is sharded over processes (FSDP2), the model and optimizer are saved sharded
+instead (`sharded/`, `torch.distributed.checkpoint`, each process writing its shards; no
+`model/` folder) and a resume needs the same kind of launch; the stage's output model is
+gathered and saved whole.
+
 Each one is written to a temporary folder and renamed into place, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Restoring loads all of it back, and
 rewinds the stage's lines in `metrics.jsonl` and `samples-<stage>.jsonl` to the checkpoint's
@@ -28,9 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from posttrain.models.lora import is_peft
+from posttrain import distributed
+from posttrain.distributed import barrier, is_main
+from posttrain.models.lora import is_peft, save_policy
 
 PREFIX = "checkpoint-"
+SHARDED = "sharded"
 
 
 @dataclass
@@ -50,26 +60,37 @@ class Checkpointer:
         """Write `checkpoint-<step>` atomically and drop the oldest beyond `keep`."""
         final = self.stage_dir / f"{PREFIX}{step}"
         tmp = self.stage_dir / f".tmp-{PREFIX}{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        learner.model.save_pretrained(tmp / "model")
-        torch.save(
-            {
-                "optimizer": learner.optimizer.state_dict(),
-                "scheduler": learner.scheduler.state_dict(),
-                "learner_step": learner.step,
-                "learner_counts": {"calls": learner.calls, "skipped": learner.skipped},
-                "modules": {k: m.state_dict() for k, m in self.modules.items()},
-            },
-            tmp / "trainer.pt",
-        )
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        sharded = distributed.sharded(learner.model)
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        trainer = {
+            "scheduler": learner.scheduler.state_dict(),
+            "learner_step": learner.step,
+            "learner_counts": {"calls": learner.calls, "skipped": learner.skipped},
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+        }
+        if sharded:  # every process writes its shards
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_sharded_state(learner), checkpoint_id=tmp / SHARDED)
+        else:
+            trainer["optimizer"] = learner.optimizer.state_dict()
+        torch.save(_rng_state(), tmp / _rng_file())
+        if is_main():
+            if not sharded:
+                learner.model.save_pretrained(tmp / "model")
+            torch.save(trainer, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        barrier()
+        if is_main():
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.checkpoints()[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return final
 
     def checkpoints(self) -> list[Path]:
@@ -83,21 +104,82 @@ class Checkpointer:
         if not found:
             return None
         path = found[-1]
-        _load_model(learner.model, path / "model")
         trainer = torch.load(path / "trainer.pt", weights_only=False)
-        learner.optimizer.load_state_dict(trainer["optimizer"])
+        if distributed.sharded(learner.model):
+            if not (path / SHARDED).is_dir():
+                raise RuntimeError(
+                    f"checkpoint {path} holds a whole model, but the policy is sharded (FSDP2): "
+                    "resume it with the launch that wrote it"
+                )
+            _load_sharded(learner, path / SHARDED)
+        else:
+            if not (path / "model").is_dir():
+                raise RuntimeError(
+                    f"checkpoint {path} is sharded (FSDP2): resume it with an FSDP2 launch of "
+                    "as many processes as wrote it"
+                )
+            _load_model(learner.model, path / "model")
+            learner.optimizer.load_state_dict(trainer["optimizer"])
         learner.scheduler.load_state_dict(trainer["scheduler"])
         learner.step = trainer["learner_step"]
         counts = trainer.get("learner_counts", {})
         learner.calls, learner.skipped = counts.get("calls", 0), counts.get("skipped", 0)
         for name, module in self.modules.items():
             module.load_state_dict(trainer["modules"][name])
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        rng = path / _rng_file()
+        _set_rng_state(torch.load(rng if rng.exists() else path / "rng.pt", weights_only=False))
         return json.loads((path / "state.json").read_text())
 
 
+def _rng_file() -> str:
+    return "rng.pt" if is_main() else f"rng-{distributed.rank()}.pt"
+
+
+def _sharded_state(learner: Any) -> dict[str, Any]:
+    """Model and optimizer state as this process's shards (`torch.distributed.checkpoint`)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(learner.model, _torch_optimizer(learner))
+    return {"model": model, "optimizer": optim}
+
+
+def _load_sharded(learner: Any, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(learner)
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        learner.model,
+        _torch_optimizer(learner),
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+
+
+def _torch_optimizer(learner: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (or the optimizer itself)."""
+    return getattr(learner.optimizer, "optimizer", learner.optimizer)
+
+
+def save_output(model: nn.Module, tokenizer: Any, folder: Path, lora: Any) -> None:
+    """Save a stage's output policy from rank 0 (gathered first when sharded by FSDP2)."""
+    if distributed.sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        whole = get_model_state_dict(model, options=options)  # every process takes part
+        if is_main():
+            model.save_pretrained(folder, state_dict=whole)
+            tokenizer.save_pretrained(folder)
+    elif is_main():
+        save_policy(model, tokenizer, folder, lora)
+    barrier()
+
+
 def rewind_logs(run_dir: Path, stage: str, step: int) -> None:
-    """Drop this stage's metric and sample lines logged after `step` (they will be redone)."""
+    """Drop this stage's metric and sample lines logged after `step` (they will be redone).
+    Rank 0's job: call it on that process only."""
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         keep = [

@@ -2,6 +2,7 @@
 
 `eval/accuracy` is the fraction of prompts whose accuracy component scores >= 1;
 `eval/reward` the mean weighted total; `eval/reward/<name>` each component's mean.
+Under several processes every process generates and rank 0's scores are returned on all.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.format import prompt_text
+from posttrain.distributed import broadcast_object, is_main
 from posttrain.reward_setup import reward_columns, reward_inputs
 from rewards import Rubric
 from rollouts import RolloutEngine, SamplingParams
@@ -27,6 +29,10 @@ class Evaluator:
         greedy = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         prompts = [prompt_text(r, tokenizer) for r in self.rows]
         groups = engine.generate(prompts, 1, greedy, self.rows)
+        # Several processes: all generate (FSDP2 forwards need every process), rank 0 scores.
+        return broadcast_object(self._score(groups, prompts) if is_main() else None)
+
+    def _score(self, groups: list, prompts: list[str]) -> dict[str, float]:
         completions = [g.samples[0].completion for g in groups]
         ids = [g.samples[0].completion_ids for g in groups]
         shown_prompts, shown = reward_inputs(self.rows, prompts, completions)

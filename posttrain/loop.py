@@ -11,6 +11,11 @@ groups of every round, and the logged reward means cover all of them. A third,
 `minibatches(batch)`, lists the optimizer batches of one pass (PPO's shuffled minibatches);
 default: the whole batch, one step per pass. The metrics logged are the last step's.
 
+Under several processes (`posttrain.distributed`) every process runs the loop: each generates
+(the engines stay in step, which FSDP2 needs, and the HF engine serves the unwrapped policy),
+rank 0 scores, and its samples and scores are broadcast, so every process prepares the same
+global batch and the learner trains on its share; only rank 0's tracker writes.
+
 Test: `pytest tests/test_pipeline.py`.
 """
 
@@ -28,6 +33,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from posttrain.data.format import prompt_text
+from posttrain.distributed import broadcast_object, is_main
 from posttrain.evaluate import Evaluator, brief
 from posttrain.health import HealthMonitor, rollout_metrics
 from posttrain.learner import Learner, logprobs_forward
@@ -98,6 +104,7 @@ def run_loop(p: LoopParts) -> dict[str, float]:
         dynamic_ncols=True,
         initial=p.start,
         total=p.iterations,
+        disable=not is_main(),
     )
     health = HealthMonitor(name=p.name)
     if p.health is not None:
@@ -114,7 +121,9 @@ def run_loop(p: LoopParts) -> dict[str, float]:
                 sampling = _round_sampling(p.sampling(it), rounds)
                 new = p.engine.generate(prompts, p.n, sampling, rows)
             with timer("reward"):
-                scored.append(_score(p.rubric, new))
+                # Several processes: rank 0's samples and scores for all (a judge is asked once).
+                new, score = broadcast_object((new, _score(p.rubric, new)) if is_main() else None)
+                scored.append(score)
             groups += new
             totals = [t for s in scored for t in s.total]
             if not wants_more(groups, totals, rounds):

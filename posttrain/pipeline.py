@@ -4,6 +4,10 @@
 The run folder (`runs/<name>/`) holds the resolved `config.yaml`, `metrics.jsonl`, one folder
 per stage (with the stage's output `model/`), and `summary.json` with each stage's final
 evaluation metrics.
+
+Under `accelerate launch` every process runs the pipeline; rank 0 alone writes the run folder
+(`config.yaml`, `run.json`, `stage.json`, `DONE`, `summary.json`, metrics, W&B) and the others
+wait for it at barriers (see `posttrain.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from posttrain import resume
 from posttrain.checkpoint import rewind_logs
 from posttrain.config.load import dump_config
 from posttrain.config.schema import PipelineConfig
+from posttrain.distributed import barrier, is_main
 from posttrain.plan import format_plan
 from posttrain.stages import dpo, grpo, online_dpo, ppo, rft, rm, sft
 from posttrain.stages.context import StageContext
@@ -56,9 +61,12 @@ def run_pipeline(
     names = [s.name for s in cfg.stages]
     if restart_from is not None and restart_from not in names:
         raise RunFolderError(f"--restart-from {restart_from!r}: no such stage (have {names})")
+    barrier()  # several processes: all look at the folder before rank 0 changes it
     if run_dir.exists() and any(run_dir.iterdir()):
         if overwrite:
-            shutil.rmtree(run_dir)
+            barrier()
+            if is_main():
+                shutil.rmtree(run_dir)
         elif not (run_dir / RUN_FILE).exists():
             raise RunFolderError(
                 f"run folder {run_dir} holds files but no posttrain run; pass --overwrite to "
@@ -68,9 +76,12 @@ def run_pipeline(
     # Names, options, files and folders of every stage are checked now, not when a late stage
     # starts after hours of training.
     format_plan(cfg, config_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_info = _run_info(run_dir, cfg)
-    dump_config(cfg, run_dir / "config.yaml")
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _run_info(run_dir, cfg)
+        dump_config(cfg, run_dir / "config.yaml")
+    barrier()
+    run_info = json.loads((run_dir / RUN_FILE).read_text())
     summary: dict[str, dict[str, float]] = {}
     input_model, previous = cfg.model.path, ""
     redo = names.index(restart_from) if restart_from else len(names)
@@ -78,28 +89,33 @@ def run_pipeline(
         stage_dir = run_dir / stage.name
         record = resume.stage_record(stage, cfg.model, cfg.run.seed, previous)
         previous = record.hash
-        if index >= redo:
+        if index >= redo and is_main():
             resume.clear_stage(stage_dir)
             rewind_logs(run_dir, stage.name, -1)
+        barrier()
         done = resume.check_stage(stage_dir, stage.name, record)
         if done is not None:
-            print(f"[{stage.name}] done earlier with the same config: skipped")
+            if is_main():
+                print(f"[{stage.name}] done earlier with the same config: skipped")
             summary[stage.name] = done["summary"]
         else:
             summary[stage.name] = _run_stage(cfg, index, stage, input_model, stage_dir,
                                              config_dir, record, run_info)  # fmt: skip
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if is_main():
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if stage.algo not in SIDE_OUTPUTS:
             input_model = str(stage_dir / "model")
     return summary
 
 
 def _run_stage(cfg, index, stage, input_model, stage_dir, config_dir, record, run_info):
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    resume.mark_started(stage_dir, record)
     config = {"pipeline": cfg.model_dump(mode="json"), "stage": stage.model_dump(mode="json")}
     run_id = run_info["wandb_ids"].setdefault(stage.name, uuid.uuid4().hex[:12])
-    _write_run_info(stage_dir.parent, run_info)
+    if is_main():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        resume.mark_started(stage_dir, record)
+        _write_run_info(stage_dir.parent, run_info)
+    barrier()
     tracker = open_stage_tracker(
         cfg.tracking, run_info["group"], stage.name, stage_dir.parent, config, run_id
     )
@@ -109,7 +125,9 @@ def _run_stage(cfg, index, stage, input_model, stage_dir, config_dir, record, ru
         tracker.record_output(ctx.output_model)
     finally:
         tracker.finish()
-    resume.mark_done(stage_dir, record, final)
+    if is_main():
+        resume.mark_done(stage_dir, record, final)
+    barrier()
     return final
 
 

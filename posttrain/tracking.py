@@ -3,7 +3,8 @@
 W&B runs offline when no credentials are configured (`wandb sync` uploads later), so tracking
 always works. `wandb` is imported only when a W&B tracker is created. At the end of a stage,
 `record_output(path)` records the stage's output model: in W&B as `summary.output_model` and a
-`model` artifact that references the folder (its files are listed, not uploaded).
+`model` artifact that references the folder (its files are listed, not uploaded). Under
+several processes only rank 0 tracks (one W&B run per stage); the others get no trackers.
 
 Test: `pytest tests/test_pipeline.py tests/test_report.py`.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from posttrain.config.schema import TrackingConfig
+from posttrain.distributed import is_main
 
 
 class Tracker(Protocol):
@@ -145,6 +147,8 @@ def open_stage_tracker(
     config: dict,
     run_id: str | None = None,
 ) -> StageTracker:
+    if not is_main():  # several processes: rank 0 logs the reduced metrics, once
+        return StageTracker([])
     trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl", stage)]
     if cfg.backend == "wandb":
         trackers.append(WandbTracker(cfg, group, stage, run_dir, config, run_id))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain import distributed
 from posttrain.config.schema import LoraSpec
 from posttrain.models.lora import adapter_base, apply_lora, is_adapter_folder, load_adapter
 from posttrain.models.tiny import build_tiny, parse_tiny_path
@@ -29,8 +30,12 @@ def resolve_model_path(path: str, seed: int = 0) -> str:
 
 
 def pick_device(device: str) -> torch.device:
+    """`auto`: CUDA when there is a GPU. Under several processes `cuda` is this process's GPU
+    (`cuda:<local rank>`), so `accelerate launch` needs no per-process setting."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and distributed.is_distributed():
+        return distributed.device()
     return torch.device(device)
 
 

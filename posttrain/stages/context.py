@@ -1,4 +1,8 @@
-"""What a stage receives from the pipeline, and the pieces every stage builds the same way."""
+"""What a stage receives from the pipeline, and the pieces every stage builds the same way.
+
+Every training process runs the stage; `resume`, `checkpoint` and `save_output` leave the
+writing to rank 0 (see `posttrain.distributed`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from posttrain.checkpoint import Checkpointer, rewind_logs
+from posttrain.checkpoint import Checkpointer, rewind_logs, save_output
 from posttrain.config.schema import EvalConfig, PipelineConfig, RewardSpec
 from posttrain.data.load import load_rows
+from posttrain.distributed import barrier, is_main
 from posttrain.evaluate import Evaluator
 from posttrain.reward_setup import build_rubric
 from posttrain.tracking import StageTracker
@@ -46,8 +51,10 @@ class StageContext:
         state = self.checkpointer.restore(learner)
         # Lines logged after the checkpoint (all of them, starting afresh) will be logged again.
         step = state["step"] if state is not None else -1
-        rewind_logs(self.stage_dir.parent, self.stage_dir.name, step)
-        if state is not None:
+        if is_main():
+            rewind_logs(self.stage_dir.parent, self.stage_dir.name, step)
+        barrier()
+        if state is not None and is_main():
             print(f"[{self.stage_dir.name}] resuming from the checkpoint at step {step}")
         return state
 
@@ -55,6 +62,10 @@ class StageContext:
         """Save a checkpoint when one is due at `step` of `total` (always at the last)."""
         if self.checkpointer.due(step, total):
             self.checkpointer.save(step, learner, {"total": total, **state})
+
+    def save_output(self, model: Any, tokenizer: Any) -> None:
+        """Save the stage's output policy to `output_model` (rank 0; gathered under FSDP2)."""
+        save_output(model, tokenizer, self.output_model, self.config.model.lora)
 
 
 def build_evaluator(

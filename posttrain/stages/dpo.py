@@ -23,10 +23,11 @@ from posttrain.algorithms import dpo
 from posttrain.config.schema import DataConfig, DPOStage
 from posttrain.data.load import Rows
 from posttrain.data.pairs import EncodedPair, encode_pair, load_pairs
+from posttrain.distributed import is_main
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
-from posttrain.models.lora import reference_mode, save_policy
+from posttrain.models.lora import reference_mode
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from rollouts.hf import HFEngine
@@ -68,6 +69,7 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
         dynamic_ncols=True,
         initial=start,
         total=steps,
+        disable=not is_main(),
     )
     for step in progress:
         index = sampler.next()
@@ -89,7 +91,7 @@ def run(stage: DPOStage, ctx: StageContext) -> dict[str, float]:
             metrics["data/skipped_rows"] = float(pairs.skipped)
         ctx.tracker.log(metrics, step)
         ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
-    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
+    ctx.save_output(model, tokenizer)
     return final
 
 

@@ -26,7 +26,7 @@ from posttrain.engines import build_engine
 from posttrain.learner import Learner
 from posttrain.loop import Algorithm, LoopParts, run_loop
 from posttrain.models.load import load_policy, resolve_model_path
-from posttrain.models.lora import is_peft, save_policy
+from posttrain.models.lora import is_peft
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
@@ -137,7 +137,7 @@ def run_iterative(
         max_logprob_diff=r.max_logprob_diff,
     )
     final = run_resumable(stage, ctx, parts, sampler)
-    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
+    ctx.save_output(model, tokenizer)
     return final
 
 

@@ -23,12 +23,13 @@ import torch
 from posttrain.algorithms.ppo import PPO
 from posttrain.config.schema import PPOStage
 from posttrain.data.load import load_rows
+from posttrain.distributed import is_main
 from posttrain.engines import build_engine
 from posttrain.learner import Learner
 from posttrain.loop import LoopParts
 from posttrain.models.critic import Critic, build_critic
 from posttrain.models.load import DTYPES, load_policy, resolve_model_path
-from posttrain.models.lora import is_peft, save_policy
+from posttrain.models.lora import is_peft
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
@@ -52,8 +53,9 @@ def run(stage: PPOStage, ctx: StageContext) -> dict[str, float]:
     ctx.checkpointer.modules["critic"] = built.critic  # not part of the policy
     final = run_resumable(stage, ctx, built.parts, built.sampler)
     model, tokenizer = built.parts.learner.model, built.parts.tokenizer
-    save_policy(model, tokenizer, ctx.output_model, ctx.config.model.lora)
-    built.critic.save(ctx.stage_dir / "critic")
+    ctx.save_output(model, tokenizer)
+    if is_main():
+        built.critic.save(ctx.stage_dir / "critic")
     return final
 
 

@@ -26,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.algorithms import rm
+from posttrain.checkpoint import save_output
 from posttrain.config.schema import DataConfig, LoraSpec, RMStage
 from posttrain.data.load import Rows
 from posttrain.data.pairs import load_pairs
+from posttrain.distributed import is_main
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import DTYPES, pick_device, resolve_model_path
@@ -63,7 +65,8 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
     elif held_out:
         first = pair_metrics(model, held_out, pad, micro)
         ctx.tracker.log(first, 0)
-        print(f"[{stage.name}] before training: " + brief(first))
+        if is_main():
+            print(f"[{stage.name}] before training: " + brief(first))
     progress = tqdm(
         range(start + 1, steps + 1),
         desc=f"{stage.name} (rm)",
@@ -71,6 +74,7 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
         dynamic_ncols=True,
         initial=start,
         total=steps,
+        disable=not is_main(),
     )
     for step in progress:
         batch = rm.make_batch([pairs[i] for i in sampler.next()], pad)
@@ -86,8 +90,7 @@ def run(stage: RMStage, ctx: StageContext) -> dict[str, float]:
         ctx.checkpoint(step, steps, learner, sampler=sampler.state(), final=final)
     if is_peft(model):  # the scorer loads a plain model: save the adapter merged in
         model = model.merge_and_unload()
-    model.save_pretrained(ctx.output_model)
-    tokenizer.save_pretrained(ctx.output_model)
+    save_output(model, tokenizer, ctx.output_model, None)
     return final
 
 

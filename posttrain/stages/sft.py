@@ -11,10 +11,10 @@ from posttrain.algorithms import sft
 from posttrain.config.schema import SFTStage
 from posttrain.data.format import encode_example
 from posttrain.data.load import DataError, keep_good, load_rows
+from posttrain.distributed import is_main
 from posttrain.evaluate import brief
 from posttrain.learner import Learner
 from posttrain.models.load import load_policy
-from posttrain.models.lora import save_policy
 from posttrain.sampler import EpochBatches
 from posttrain.stages.context import StageContext, build_evaluator
 from rollouts.hf import HFEngine
@@ -56,6 +56,7 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
         dynamic_ncols=True,
         initial=start,
         total=steps,
+        disable=not is_main(),
     )
     for step in progress:
         batch = sft.make_batch(
@@ -71,5 +72,5 @@ def run(stage: SFTStage, ctx: StageContext) -> dict[str, float]:
             metrics["data/skipped_rows"] = float(examples.skipped)
         ctx.tracker.log(metrics, step)
         ctx.checkpoint(step, steps, learner, sampler=order.state(), final=final)
-    save_policy(model, tokenizer, ctx.output_model, cfg.model.lora)
+    ctx.save_output(model, tokenizer)
     return final
