@@ -215,7 +215,11 @@ def run_worker(script: str, args: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, script, *args, "--worker-out", str(out)]
         print("+", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        # Each system's numbers as soon as it ends, so a run cut short still tells something.
+        brief = {k: v for k, v in result.items() if not isinstance(v, list | dict)}
+        print("result:", json.dumps(brief), flush=True)
+        return result
 
 
 def save_json(path: str | None, payload: dict[str, Any]) -> None:

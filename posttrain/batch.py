@@ -100,6 +100,24 @@ def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
         yield take_rows(batch, slice(start, start + size))
 
 
+def longest_first(batch: Batch) -> Batch:
+    """The rows reordered by length, longest first, so each micro-batch holds rows of similar
+    length and little padding is computed (`logprobs.token_logprobs` trims all-padding
+    columns). A row's length is its longest attention mask (a pair: the longer sequence).
+    Losses are sums over rows normalised by whole-batch counts, so the order changes nothing
+    but rounding."""
+    masks = [
+        getattr(batch, f.name)
+        for f in dataclasses.fields(batch)
+        if "attention" in f.name and isinstance(getattr(batch, f.name), Tensor)
+    ]
+    if not masks:
+        return batch
+    lengths = torch.stack([m.sum(-1) for m in masks]).amax(0)
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    return take_rows(batch, order)
+
+
 def take_rows(batch: Batch, index: slice | Tensor) -> Batch:
     changes = {
         f.name: getattr(batch, f.name)[index]

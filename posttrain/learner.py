@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain import distributed
-from posttrain.batch import micro_batches, num_rows, take_rows
+from posttrain.batch import longest_first, micro_batches, num_rows, take_rows
 from posttrain.config.schema import OptimConfig
 from posttrain.logprobs import token_logprobs
 
@@ -90,7 +90,7 @@ class Learner:
         self.calls += 1
         if not distributed.is_distributed():
             totals: dict[str, float] = defaultdict(float)
-            for micro in micro_batches(batch, self.cfg.micro_batch_size):
+            for micro in micro_batches(longest_first(batch), self.cfg.micro_batch_size):
                 loss, metrics = loss_fn(forward(self.model, micro), micro)
                 if not torch.isfinite(loss):
                     return self._non_finite(f"loss is {loss.item()}")

@@ -1,20 +1,43 @@
 """Per-token log-probabilities of a batch under a causal LM.
 
-`logp(x_t | x_<t) = logit[x_t] - logsumexp(logits)`, computed without materialising the full
-log-softmax. The result is aligned with the input: position 0 (no prediction) is 0.
+`logp(x_t | x_<t) = logit[x_t] - logsumexp(logits)`. The result is aligned with the input:
+position 0 (no prediction) is 0.
+
+Two things keep this cheap. Columns that are padding in every row are cut before the forward
+and padded back after. For Llama-family models (`rollouts.static_decode.unsupported` is None)
+the LM head and the log-softmax run on `CHUNK_TOKENS` positions at a time, each chunk under
+activation checkpointing when gradients are on, so the `[B, T, vocab]` logits and their
+float32 copy never exist at once (at a 152k vocabulary they outweigh the rest of a step); the
+backward recomputes one chunk's logits at a time. Other models, and every model under several
+processes (DDP and FSDP2 hook the model's own forward), take the plain path: the whole forward, then the log-softmax.
+
+Test: `pytest tests/test_logprobs.py`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.distributed import is_distributed
+from rollouts.static_decode import causal_lm, unsupported
+
+CHUNK_TOKENS = 4096
+"""Positions whose logits are held at once on the chunked path."""
 
 
 def token_logprobs(model: nn.Module, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
     device = next(model.parameters()).device
     input_ids_BT, attention_mask_BT = input_ids_BT.to(device), attention_mask_BT.to(device)
-    logits = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).logits
-    return logprobs_from_logits(logits, input_ids_BT)
+    width = _used_width(attention_mask_BT)
+    ids, mask = input_ids_BT[:, :width], attention_mask_BT[:, :width]
+    if unsupported(model) is None and not is_distributed():
+        out = _chunked_logprobs(model, ids, mask)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = logprobs_from_logits(logits, ids)
+    return nn.functional.pad(out, (0, input_ids_BT.shape[1] - width))
 
 
 def logprobs_from_logits(logits_BTV: Tensor, input_ids_BT: Tensor) -> Tensor:
@@ -23,3 +46,32 @@ def logprobs_from_logits(logits_BTV: Tensor, input_ids_BT: Tensor) -> Tensor:
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     out = picked - torch.logsumexp(logits, dim=-1)
     return torch.nn.functional.pad(out, (1, 0))
+
+
+def _used_width(attention_mask_BT: Tensor) -> int:
+    """One past the last column that holds a token in some row (at least 1)."""
+    used = attention_mask_BT.any(0).nonzero()
+    return int(used.max()) + 1 if used.numel() else 1
+
+
+def _chunked_logprobs(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    lm = causal_lm(model)
+    hidden_BTD = lm.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)[0]
+    B, T, D = hidden_BTD.shape
+    h_ND = hidden_BTD[:, :-1].reshape(-1, D)
+    targets_N = ids_BT[:, 1:].reshape(-1)
+    parts = []
+    for s in range(0, h_ND.shape[0], CHUNK_TOKENS):
+        args = (lm.lm_head, h_ND[s : s + CHUNK_TOKENS], targets_N[s : s + CHUNK_TOKENS])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(*args))
+    out = torch.cat(parts).view(B, T - 1) if parts else h_ND.new_zeros((B, 0)).float()
+    return nn.functional.pad(out, (1, 0))
+
+
+def _head_logprobs(head: nn.Module, h_ND: Tensor, targets_N: Tensor) -> Tensor:
+    logits = head(h_ND).float()
+    picked = logits.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)

@@ -25,6 +25,8 @@ def probe_logprob_diff(
 ) -> float:
     """Largest |engine - trainer| logprob over every predicted token of `sequences`; for an
     engine with several workers (a Ray pool's `worker_logprobs`), the largest over all."""
+    if getattr(engine, "follower", False):  # not rank 0: rank 0 probes its engine
+        return 0.0
     per_worker = getattr(engine, "worker_logprobs", None)
     engine_lps = per_worker(sequences) if per_worker else [engine.logprobs(sequences)]
     ids, mask = pad_right(sequences, pad_id)

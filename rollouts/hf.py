@@ -209,7 +209,10 @@ def _choose(logp: Tensor, sampling: SamplingParams, generator: torch.Generator) 
     """Pick one token per row: greedy at temperature 0, else temperature + nucleus sampling."""
     if sampling.temperature == 0:
         return logp.argmax(-1)
-    probs = torch.softmax(logp / sampling.temperature, dim=-1)
+    if sampling.temperature == 1.0:
+        probs = logp.exp()
+    else:
+        probs = torch.softmax(logp / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p

@@ -56,6 +56,10 @@ class PoolOptions:
     """`hf` actors: the model's dtype (the trainer's, so the sync probe compares like with like)."""
     batch_size: int = 256
     """`hf` actors: sequences decoded at once."""
+    static_cache: bool = True
+    """`hf` actors: static-cache decoding (see `HFEngine`)."""
+    compile: bool | None = None
+    """`hf` actors: compile the decode step; None = on CUDA only."""
     vllm: VLLMOptions | None = None
     """`vllm` actors: engine settings."""
 
@@ -83,7 +87,13 @@ class EngineWorker:
             )
             # Ray hides the GPUs an actor was not given (CUDA_VISIBLE_DEVICES).
             model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-            self.engine = HFEngine(model, tokenizer, batch_size=options.batch_size)
+            self.engine = HFEngine(
+                model,
+                tokenizer,
+                batch_size=options.batch_size,
+                static_cache=options.static_cache,
+                compile=options.compile,
+            )
         else:
             from rollouts.vllm_engine import VLLMEngine
 

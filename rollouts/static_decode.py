@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+PREFILL_TOKENS = 16_384
+"""Prompt tokens prefilled at once."""
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -131,7 +133,17 @@ class StaticDecoder:
         )
         cache.valid_BS[:, :P] = mask_BP.bool()
         positions = (mask_BP.cumsum(-1) - 1).clamp(min=0)
-        hidden = self._forward(cache, ids_BP, positions, slice(0, P))
+        # Prefill a few rows at a time: the MLP's activations of every prompt token at once
+        # would outgrow the cache itself. Row slices of the cache are views, written in place.
+        hidden = []
+        step = max(1, PREFILL_TOKENS // P)
+        for r in range(0, B, step):
+            rows = slice(r, r + step)
+            part = _Cache(
+                [k[rows] for k in cache.keys], [v[rows] for v in cache.values], cache.valid_BS[rows]
+            )
+            hidden.append(self._forward(part, ids_BP[rows], positions[rows], slice(0, P)))
+        hidden = torch.cat(hidden)
         use_graph = self.cuda_graphs and device.type == "cuda"
         return DecodeSession(self, cache, positions[:, -1] + 1, P, self.logits(hidden), use_graph)
 

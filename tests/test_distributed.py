@@ -187,3 +187,23 @@ def test_a_two_process_run_resumes_from_its_checkpoint(runs):
         again, full = weights(run, stage), weights(runs / "two", stage)
         assert all(torch.equal(again[k], full[k]) for k in full), stage
     assert metric_rows(run) == metric_rows(runs / "two")
+
+
+@pytest.mark.slow
+def test_a_ray_pool_lives_on_rank_0_only(tmp_path, tiny_path):
+    """GRPO with `rollout.workers: 2` under two processes: rank 0 alone starts the pool (the
+    other process follows), and the weights equal a one-process run with the same pool."""
+    grpo = {**PIPELINE["stages"][1], "rollout": {"engine": "hf", "n": 4, "max_new_tokens": 4,
+                                                 "workers": 2}}  # fmt: skip
+    outputs = {}
+    for name, processes in [("pool-one", 1), ("pool-two", 2)]:
+        (tmp_path / "digits.py").write_text(DIGITS)
+        config = {**PIPELINE, "stages": [grpo],
+                  "run": {**PIPELINE["run"], "output_dir": str(tmp_path / name)}}  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        outputs[name] = launch(path, processes)
+    assert outputs["pool-two"].count("rollout engine: hf x2 (ray)") == 1
+    assert "rollout engine: hf (on rank 0)" in outputs["pool-two"]
+    one, two = weights(tmp_path / "pool-one", "grpo"), weights(tmp_path / "pool-two", "grpo")
+    assert max_diff(one, two) < 1e-5

@@ -123,7 +123,8 @@ def test_micro_batches_give_the_full_batch_update(tiny_path, loss_type):
     (m0, p0), *rest = results
     for metrics, params in rest:
         assert metrics["loss"] == pytest.approx(m0["loss"], abs=1e-6)
-        assert metrics["dpo/accuracy"] == pytest.approx(m0["dpo/accuracy"], abs=1e-6)
+        # No accuracy check: at the reference every margin is 0 up to rounding, and micro-
+        # batches of other widths round differently, so the sign of a margin is noise here.
         assert metrics["dpo/logps_chosen"] == pytest.approx(m0["dpo/logps_chosen"], abs=1e-4)
         for a, b in zip(p0, params, strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

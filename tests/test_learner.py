@@ -113,3 +113,18 @@ def test_non_finite_gradient_stops_with_advice(tiny):
         NonFiniteError, match=r"^gradient norm is nan at optimizer step 1 .*on_nonfinite: skip"
     ):
         learner.update(batch, exploding)
+
+
+def test_longest_first_orders_rows_by_their_longest_mask():
+    from posttrain.batch import PairBatch, SFTBatch, longest_first, pad_right
+
+    ids, mask = pad_right([[1] * 2, [1] * 5, [1] * 3], 0)
+    batch = SFTBatch(ids, mask, mask.clone(), 3, 10)
+    ordered = longest_first(batch)
+    assert ordered.attention_mask_BT.sum(-1).tolist() == [5, 3, 2]
+    assert (ordered.num_sequences, ordered.num_tokens) == (3, 10)  # counts stay whole-batch
+    chosen, chosen_mask = pad_right([[1] * 4, [1] * 1], 0)
+    rejected, rejected_mask = pad_right([[1] * 2, [1] * 6], 0)
+    pairs = PairBatch(chosen, chosen_mask, chosen_mask, rejected, rejected_mask, rejected_mask,
+                      torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4]), 2)  # fmt: skip
+    assert longest_first(pairs).ref_chosen_P.tolist() == pytest.approx([0.2, 0.1])

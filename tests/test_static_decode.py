@@ -86,6 +86,17 @@ def test_prefill_and_steps_match_transformers(kind, extra):
 
 
 @torch.no_grad()
+def test_prefill_in_row_chunks(monkeypatch):
+    """Prompts prefilled a few rows at a time give the same cache and logits."""
+    from rollouts import static_decode
+
+    model = _random_model("qwen2")
+    ids, mask = _left_padded(5, [7, 3, 5, 1, 6], SMALL["vocab_size"])
+    monkeypatch.setattr(static_decode, "PREFILL_TOKENS", 14)  # 2 rows of 7 tokens per chunk
+    _check_steps(model, ids, mask, steps=3, atol=1e-5)
+
+
+@torch.no_grad()
 def test_lora_adapter_is_applied():
     from peft import LoraConfig, get_peft_model
 

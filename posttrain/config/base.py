@@ -175,6 +175,12 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(256, ge=1)
     """Sequences decoded at once (`hf` engine)."""
+    static_cache: bool = True
+    """`hf` engine: decode Llama-family models (Llama, Qwen2/3, Mistral) through a static KV
+    cache (`rollouts/static_decode.py`); false, or other models: transformers' own cache."""
+    compile: bool | None = None
+    """`hf` engine with `static_cache`: `torch.compile` the decode step (the first rollout pays
+    the compilation); None = on CUDA only."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """vLLM dtype; `auto` = `model.dtype`, so the sync probe compares like with like."""
     max_model_len: int | None = None
