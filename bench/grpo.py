@@ -172,7 +172,10 @@ def _trl(args: argparse.Namespace, prompts: list[str], tmp: Path) -> dict:
         gradient_accumulation_steps=args.prompts * args.n // args.micro_batch,
         num_generations=args.n,
         max_completion_length=args.new_tokens,
-        generation_kwargs={"min_new_tokens": args.new_tokens},
+        # Forced lengths: transformers' and vLLM's names for it.
+        generation_kwargs={
+            ("min_tokens" if args.engine == "vllm" else "min_new_tokens"): args.new_tokens
+        },
         temperature=1.0,
         beta=0.04,
         loss_type="grpo",
@@ -210,7 +213,7 @@ def _trl(args: argparse.Namespace, prompts: list[str], tmp: Path) -> dict:
             sum(v for k, v in s.items() if k.endswith("." + name)) for s in measured
         )
 
-    generate = median_of("transformers.generate")
+    generate = median_of("transformers.generate") + median_of("vLLM.generate")
     reward = median_of("_calculate_rewards")
     logps = median_of("_get_per_token_logps_and_entropies")
     summary = common.summarise(steps, args.warmup)

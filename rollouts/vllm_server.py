@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from rollouts.types import Group, Sample, SamplingParams
+from rollouts.vllm_engine import vllm_on_cpu
 from rollouts.weights import export_state_dict
 
 _LIVE: set[VLLMServerEngine] = set()
@@ -112,6 +113,8 @@ class VLLMServerEngine:
         ]  # fmt: skip
         if o.max_model_len:
             cmd += ["--max-model-len", str(o.max_model_len)]
+        if vllm_on_cpu():  # seeded requests cannot survive a split prompt there (vllm_engine.py)
+            cmd += ["--no-enable-chunked-prefill"]
         env = {
             **os.environ,
             "VLLM_SERVER_DEV_MODE": "1",
