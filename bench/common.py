@@ -257,3 +257,25 @@ class StepClock:
         now = time.perf_counter()
         self.seconds.append(now - self.last)
         self.last = now
+
+
+def trl_step_timer(device: str, clock: StepClock, losses: list, grad_norms: list) -> type:
+    """A transformers `TrainerCallback` class: resets the peak memory and starts `clock` when
+    training begins, ticks it after each optimizer step, and records each logged loss and
+    gradient norm into `losses` and `grad_norms`."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            reset_peak(device)
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            clock.tick()
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                grad_norms.append(float(logs["grad_norm"]))
+
+    return Timer

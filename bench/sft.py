@@ -93,7 +93,6 @@ def run_trl(args, model, tokenizer, seqs, clock) -> list[float]:
 
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     class Sequential(SFTTrainer):
@@ -102,19 +101,7 @@ def run_trl(args, model, tokenizer, seqs, clock) -> list[float]:
 
     losses: list[float] = []
     grad_norms: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            common.reset_peak(args.device)
-            clock.start()
-
-        def on_step_end(self, *a, **k):
-            clock.tick()
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-                grad_norms.append(float(logs["grad_norm"]))
+    Timer = common.trl_step_timer(args.device, clock, losses, grad_norms)
 
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
