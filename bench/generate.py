@@ -4,9 +4,11 @@ TRL's GRPOTrainer without vLLM samples with `model.generate(input_ids, attention
 generation_config=GenerationConfig(do_sample=True, temperature, top_p, top_k=0, min_p=None,
 repetition_penalty=1.0, cache_implementation=None, disable_compile=True, ...))` on the whole
 batch at once; that is the baseline. Ours is `rollouts.hf.HFEngine.decode` (static KV cache,
-CUDA-graph step on GPU, compiled on GPU), with two ablations: `posttrain-no-compile` (static
-cache and CUDA graph, no `torch.compile`) and `posttrain-dynamic-cache` (`static_cache=False`:
-transformers' dynamic cache in our loop). Every row is forced to the full length (TRL side:
+CUDA-graph step on GPU, compiled on GPU, the draw inside the step), with three ablations:
+`posttrain-no-compile` (static cache and CUDA graph, no `torch.compile`), `posttrain-sdpa-decode`
+(one-token steps through `scaled_dot_product_attention` with a mask instead of the matmul
+attention, `rollouts.static_decode.DECODE_ATTENTION`) and `posttrain-dynamic-cache`
+(`static_cache=False`: transformers' dynamic cache in our loop). Every row is forced to the full length (TRL side:
 `min_new_tokens = max_new_tokens`; ours: `ignore_eos`), prompts are random token ids of one
 length, temperature 1. Each system runs in its own subprocess (peak memory is its own).
 
@@ -32,7 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
 
-SYSTEMS = ("posttrain", "posttrain-no-compile", "posttrain-dynamic-cache", "trl-generate")
+SYSTEMS = (
+    "posttrain",
+    "posttrain-no-compile",
+    "posttrain-sdpa-decode",
+    "posttrain-dynamic-cache",
+    "trl-generate",
+)
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
@@ -115,8 +123,11 @@ def _runner(system, model, tokenizer, ids, new_tokens, device):
 
         return run
 
-    from rollouts import SamplingParams
+    from rollouts import SamplingParams, static_decode
     from rollouts.hf import HFEngine
+
+    if system == "posttrain-sdpa-decode":
+        static_decode.DECODE_ATTENTION = "sdpa"
 
     engine = HFEngine(
         model,

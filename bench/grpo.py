@@ -72,6 +72,9 @@ def _ours(args: argparse.Namespace, prompts: list[str], tmp: Path) -> dict:
             "max_new_tokens": args.new_tokens,
             "batch_size": args.prompts * args.n,
             "sync_probe": 8,
+            # bf16 on GPU: the probe compares two different code paths (the engine's full
+            # forward and the trainer's chunked one); its largest gap is reported below.
+            "max_logprob_diff": 0.1,
         },
         "rewards": [{"name": f"{HERE / 'grpo_reward.py'}:id_checksum"}],
         "grpo": {
@@ -118,6 +121,7 @@ def _ours(args: argparse.Namespace, prompts: list[str], tmp: Path) -> dict:
         "completion_length_mean": statistics.mean(
             x["rollout/completion_length_mean"] for x in lines
         ),
+        "sync_probe_max_diff": max(x.get("sync/logprob_max_abs_diff", 0.0) for x in lines),
         "peak_mib": common.peak_memory_mib(args.device),
         "torch": torch.__version__,
     }

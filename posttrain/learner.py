@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from posttrain import distributed
 from posttrain.batch import longest_first, micro_batches, num_rows, take_rows
+from posttrain.compile_layers import compile_layers
 from posttrain.config.schema import OptimConfig
 from posttrain.logprobs import token_logprobs
 
@@ -64,8 +65,14 @@ class Learner:
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.params = [p for group in param_groups for p in group["params"]]
+        # The fused CUDA kernel: one launch for every parameter (same update as the default).
+        fused = (
+            bool(self.params)
+            and all(p.is_cuda for p in self.params)
+            and not distributed.is_distributed()
+        )
         self.optimizer = torch.optim.AdamW(
-            param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(cfg, max(total_steps, 1))
@@ -76,6 +83,7 @@ class Learner:
         self.accelerator: Any = None
         self.unsynced: list[nn.Parameter] = []
         """Trainable parameters outside `model` (a PPO critic): gradients summed by hand."""
+        self.compiled = compile_layers(model, cfg.compile)
         if distributed.is_distributed():
             self._prepare()
         self.step = 0
@@ -89,13 +97,17 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         self.calls += 1
         if not distributed.is_distributed():
-            totals: dict[str, float] = defaultdict(float)
+            totals: dict[str, Any] = defaultdict(float)
             for micro in micro_batches(longest_first(batch), self.cfg.micro_batch_size):
                 loss, metrics = loss_fn(forward(self.model, micro), micro)
-                if not torch.isfinite(loss):
-                    return self._non_finite(f"loss is {loss.item()}")
                 loss.backward()
                 _add(totals, loss, metrics, 1.0)
+            # Read back once, after every micro-batch is queued: a read per micro-batch would
+            # make the host wait for the device each time. A non-finite loss has made the
+            # gradients non-finite too; `_non_finite` drops them.
+            totals = _floats(totals)
+            if not math.isfinite(totals["loss"]):
+                return self._non_finite(f"loss is {totals['loss']}")
         else:
             totals, bad = self._distributed_backward(batch, loss_fn, forward)
             if bad:
@@ -157,6 +169,7 @@ class Learner:
                 # normalised by whole-batch counts, so scale back to a sum.
                 self.accelerator.backward(loss * (weight * world))
             _add(totals, loss, metrics, weight)
+        totals = _floats(totals)
         for p in self.unsynced:  # scaled by `world` like the rest: the mean is the sum
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -181,11 +194,17 @@ class Learner:
         return {"skipped_steps": float(self.skipped), "lr": self.scheduler.get_last_lr()[0]}
 
 
-def _add(totals: dict[str, float], loss: Tensor, metrics: dict[str, Any], weight: float) -> None:
-    """Add a micro-batch's loss and metrics (a weight-0 padding row adds zeros, same keys)."""
-    totals["loss"] += loss.item() if weight else 0.0
+def _add(totals: dict[str, Any], loss: Tensor, metrics: dict[str, Any], weight: float) -> None:
+    """Add a micro-batch's loss and metrics (a weight-0 padding row adds zeros, same keys),
+    tensors still on the device."""
+    totals["loss"] += loss.detach() if weight else 0.0
     for key, value in metrics.items():
-        totals[key] += float(value) if weight else 0.0
+        value = value.detach() if isinstance(value, Tensor) else float(value)
+        totals[key] += value if weight else 0.0
+
+
+def _floats(totals: dict[str, Any]) -> dict[str, float]:
+    return defaultdict(float, {key: float(value) for key, value in totals.items()})
 
 
 def _schedule(cfg: OptimConfig, total: int) -> Callable[[int], float]:

@@ -3,13 +3,18 @@
 `logp(x_t | x_<t) = logit[x_t] - logsumexp(logits)`. The result is aligned with the input:
 position 0 (no prediction) is 0.
 
-Two things keep this cheap. Columns that are padding in every row are cut before the forward
-and padded back after. For Llama-family models (`rollouts.static_decode.unsupported` is None)
-the LM head and the log-softmax run on `CHUNK_TOKENS` positions at a time, each chunk under
-activation checkpointing when gradients are on, so the `[B, T, vocab]` logits and their
-float32 copy never exist at once (at a 152k vocabulary they outweigh the rest of a step); the
-backward recomputes one chunk's logits at a time. Other models, and every model under several
-processes (DDP and FSDP2 hook the model's own forward), take the plain path: the whole forward, then the log-softmax.
+Three things keep this cheap. Columns that are padding in every row are cut before the forward
+and padded back after (on CUDA the width is rounded up to a multiple of 128, see
+`CUDA_WIDTH_MULTIPLE`). A right-padded batch runs without its attention mask: causal attention
+already keeps each real token from the padding after it, and the attention kernels take their
+fast causal path. For Llama-family models (`rollouts.static_decode.unsupported` is None)
+the LM head and the log-softmax run on `CHUNK_TOKENS` positions at a time
+(`posttrain/head_logprobs.py`: fused, with its own backward that recomputes one chunk's logits
+at a time), so the `[B, T, vocab]` logits and their float32 copy never exist at once (at a 152k
+vocabulary they outweigh the rest of a step). A head that is not a plain `nn.Linear` (LoRA on
+the head) runs the same chunks through autograd under activation checkpointing. Other models,
+and every model under several processes (DDP and FSDP2 hook the model's own forward), take the
+plain path: the whole forward, then the log-softmax.
 
 Test: `pytest tests/test_logprobs.py`.
 """
@@ -21,23 +26,33 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.distributed import is_distributed
+from posttrain.head_logprobs import head_logprobs
 from rollouts.static_decode import causal_lm, unsupported
 
 CHUNK_TOKENS = 4096
 """Positions whose logits are held at once on the chunked path."""
+CUDA_WIDTH_MULTIPLE = 128
+"""On CUDA the trimmed width is rounded up to a multiple of this: few distinct shapes, so
+compiled layers and cuDNN attention (which builds a plan per shape, hundreds of
+milliseconds each) see each shape once."""
 
 
 def token_logprobs(model: nn.Module, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
     device = next(model.parameters()).device
-    input_ids_BT, attention_mask_BT = input_ids_BT.to(device), attention_mask_BT.to(device)
-    width = _used_width(attention_mask_BT)
-    ids, mask = input_ids_BT[:, :width], attention_mask_BT[:, :width]
+    full = input_ids_BT.shape[1]
+    # Read the mask where it lives (the batch is built on the host): no wait for the device.
+    width = _round_width(_used_width(attention_mask_BT), device)
+    mask = _fit(attention_mask_BT, width)
+    # Right padding: causal attention alone keeps every real token from the padding after it,
+    # so the mask can go (the attention kernels then take their causal fast path).
+    attention = None if _right_padded(mask) else mask.to(device)
+    ids = _fit(input_ids_BT, width).to(device)
     if unsupported(model) is None and not is_distributed():
-        out = _chunked_logprobs(model, ids, mask)
+        out = _chunked_logprobs(model, ids, attention)
     else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         out = logprobs_from_logits(logits, ids)
-    return nn.functional.pad(out, (0, input_ids_BT.shape[1] - width))
+    return nn.functional.pad(out, (0, full - width)) if width <= full else out[:, :full]
 
 
 def logprobs_from_logits(logits_BTV: Tensor, input_ids_BT: Tensor) -> Tensor:
@@ -48,19 +63,41 @@ def logprobs_from_logits(logits_BTV: Tensor, input_ids_BT: Tensor) -> Tensor:
     return torch.nn.functional.pad(out, (1, 0))
 
 
+def _round_width(width: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return width
+    return -(-width // CUDA_WIDTH_MULTIPLE) * CUDA_WIDTH_MULTIPLE
+
+
+def _fit(x_BT: Tensor, width: int) -> Tensor:
+    """The first `width` columns of `x_BT`, zero-padded on the right when it is narrower."""
+    if width <= x_BT.shape[1]:
+        return x_BT[:, :width]
+    return nn.functional.pad(x_BT, (0, width - x_BT.shape[1]))
+
+
+def _right_padded(mask_BT: Tensor) -> bool:
+    """Every row: ones, then zeros."""
+    return bool((mask_BT[:, 1:] <= mask_BT[:, :-1]).all())
+
+
 def _used_width(attention_mask_BT: Tensor) -> int:
     """One past the last column that holds a token in some row (at least 1)."""
     used = attention_mask_BT.any(0).nonzero()
     return int(used.max()) + 1 if used.numel() else 1
 
 
-def _chunked_logprobs(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor) -> Tensor:
+def _chunked_logprobs(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor | None) -> Tensor:
     lm = causal_lm(model)
     hidden_BTD = lm.model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)[0]
     B, T, D = hidden_BTD.shape
     h_ND = hidden_BTD[:, :-1].reshape(-1, D)
     targets_N = ids_BT[:, 1:].reshape(-1)
-    parts = []
+    head = lm.lm_head
+    if type(head) is nn.Linear and head.bias is None and not head._forward_hooks:
+        out = head_logprobs(h_ND, head.weight, targets_N, CHUNK_TOKENS)
+        return nn.functional.pad(out.view(B, T - 1), (1, 0))
+    parts = []  # a wrapped head (LoRA on the head, hooks): autograd, chunk by chunk
     for s in range(0, h_ND.shape[0], CHUNK_TOKENS):
         args = (lm.lm_head, h_ND[s : s + CHUNK_TOKENS], targets_N[s : s + CHUNK_TOKENS])
         if torch.is_grad_enabled():

@@ -15,12 +15,13 @@ Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rollouts.static_decode import StaticDecoder, unsupported
+from rollouts.static_decode import StaticDecoder, pick, unsupported
 from rollouts.types import Group, Sample, SamplingParams
 
 
@@ -70,12 +71,13 @@ class HFEngine:
         device = next(self.model.parameters()).device
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
         for row, seq in enumerate(sequences):
-            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+            ids[row, : len(seq)] = torch.tensor(seq)
         was_training = self.model.training
         self.model.eval()
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # Right-padded: causal attention keeps real tokens from the padding, no mask needed
+        # (the trainer's `posttrain.logprobs` runs the same way).
+        logits = self.model(input_ids=ids.to(device)).logits.float()
         self.model.train(was_training)
         picked = logits[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
         values = (picked - torch.logsumexp(logits[:, :-1], -1)).cpu().tolist()
@@ -125,17 +127,27 @@ class HFEngine:
         ids, their logprobs and the finish reason."""
         device = next(self.model.parameters()).device
         batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
+        if device.type == "cuda":  # few prompt widths: each new shape costs a compiled step
+            width = -(-width // 64) * 64  # and a cuDNN attention plan
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
         for row, ids in enumerate(prompt_ids):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
+        T = sampling.temperature
         if self.static_cache:
             session = self._static_decoder(device).start(input_ids, mask, sampling.max_new_tokens)
             logits, step = session.first_logits, session.step
         else:
             logits, step = self._transformers_steps(input_ids, mask)
+        if self.static_cache and device.type == "cuda" and sampling.top_p == 1.0:
+            # The draw runs inside the compiled step and its CUDA graph (`pick`).
+            token, logp = pick(logits, session.uniform(T, generator), T)
+            advance = partial(session.step_sample, temperature=T, generator=generator)
+        else:
+            token, logp = _choose(logits, sampling, generator)
+            advance = lambda token: _choose(step(token), sampling, generator)  # noqa: E731
         stop_ids = set() if sampling.ignore_eos else self.stop_ids
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         # Each "all rows done?" check waits for the device; on GPU look every few steps.
@@ -143,17 +155,15 @@ class HFEngine:
         tokens_BT, logps_BT = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(sampling.max_new_tokens):
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            token = _choose(logp, sampling, generator)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            token = torch.where(done, self.pad_id, token)
             tokens_BT.append(token)
-            logps_BT.append(logp.gather(-1, token[:, None]).squeeze(-1))
+            logps_BT.append(logp)
             if len(stop_ids):
                 done = done | torch.isin(token, stop)
             last = t == sampling.max_new_tokens - 1
             if last or ((t + 1) % check_every == 0 and bool(done.all())):
                 break
-            logits = step(token)
+            token, logp = advance(token)
         tokens, logps = torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
         return _finish(tokens, logps, stop_ids)
 
@@ -205,8 +215,17 @@ def _finish(
     return results
 
 
-def _choose(logp: Tensor, sampling: SamplingParams, generator: torch.Generator) -> Tensor:
-    """Pick one token per row: greedy at temperature 0, else temperature + nucleus sampling."""
+def _choose(
+    logits: Tensor, sampling: SamplingParams, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """One token per row and its logprob: greedy at temperature 0, else temperature + nucleus
+    sampling."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token = _draw(logp, sampling, generator)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def _draw(logp: Tensor, sampling: SamplingParams, generator: torch.Generator) -> Tensor:
     if sampling.temperature == 0:
         return logp.argmax(-1)
     if sampling.temperature == 1.0:

@@ -16,7 +16,9 @@ Test: `pytest tests/test_static_decode.py` (logits equal to the transformers for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +28,10 @@ from torch import Tensor, nn
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
 """Prompt tokens prefilled at once."""
+DECODE_ATTENTION = "matmul"
+"""One-token steps: `matmul` (two batched matmuls and a masked softmax, which the compiled
+step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
+`bench/RESULTS.md` for the measurement behind the choice."""
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -78,6 +84,9 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.decode_sample = (
+            torch.compile(self._step_sample, dynamic=False) if compile else self._step_sample
+        )
 
     # -- one pass of the decoder over T new positions -----------------------------------------
 
@@ -115,6 +124,13 @@ class StaticDecoder:
         """One decode step: the logits after `token_B`, written at cache `slot`."""
         return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot))
 
+    def _step_sample(
+        self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor, uniform_BV: Tensor,
+        temperature: float,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """One decode step and the next token drawn from its logits (`pick`)."""
+        return pick(self._step(cache, token_B, pos_B, slot), uniform_BV, temperature)
+
     # -- a generation session -----------------------------------------------------------------
 
     @torch.no_grad()
@@ -149,7 +165,9 @@ class StaticDecoder:
 
 
 class DecodeSession:
-    """The cache of one batch, stepping one token at a time (`step(tokens_B) -> logits_BV`)."""
+    """The cache of one batch, stepping one token at a time: `step(tokens_B) -> logits_BV`, or
+    `step_sample(tokens_B, ...) -> (next_tokens_B, their logprobs)` with the draw inside the
+    step (inside the CUDA graph), for plain temperature sampling and greedy decoding."""
 
     def __init__(
         self,
@@ -166,42 +184,78 @@ class DecodeSession:
         self._token_B = torch.zeros_like(next_pos_B)
         self._pos_B = next_pos_B.clone()
         self._slot = torch.tensor([first_slot], device=device)
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._out: Tensor | None = None
+        self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self._use_graph = use_graph
-
-    def _run(self) -> Tensor:
-        return self.decoder.decode_step(self.cache, self._token_B, self._pos_B, self._slot)
+        self._uniform_BV: Tensor | None = None
 
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed the tokens just sampled; returns the logits for the next ones."""
+        run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B, self._slot)
+        return self._advance(tokens_B, "logits", run)
+
+    @torch.no_grad()
+    def step_sample(
+        self, tokens_B: Tensor, temperature: float, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Feed the tokens just sampled; returns the next tokens and their logprobs (`pick`).
+        The uniform noise is drawn from `generator` before the step, outside the graph."""
+        uniform = self.uniform(temperature, generator)
+        run = partial(self.decoder.decode_sample, self.cache, self._token_B, self._pos_B,
+                      self._slot, uniform, temperature)  # fmt: skip
+        return self._advance(tokens_B, ("sample", temperature), run)
+
+    def uniform(self, temperature: float, generator: torch.Generator | None) -> Tensor:
+        """The session's noise buffer, refilled from `generator` (not at temperature 0)."""
+        if self._uniform_BV is None:
+            self._uniform_BV = torch.zeros_like(self.first_logits, dtype=torch.float32)
+        if temperature != 0:
+            self._uniform_BV.uniform_(generator=generator)
+        return self._uniform_BV
+
+    def _advance(self, tokens_B: Tensor, key: Any, run: Callable[[], Any]) -> Any:
         self._token_B.copy_(tokens_B)
         if not self._use_graph:
-            out = self._run()
+            out = run()
         else:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
-            out = self._out
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(run)
+            graph, out = self._graphs[key]
+            graph.replay()
         self._pos_B += 1
         self._slot += 1
         return out
 
-    def _capture(self) -> None:
+    def _capture(self, run: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Record one step as a CUDA graph. The warm-up step on a side stream writes the same
         slot that the first replay writes again, so the cache stays right."""
         cache_state = self.cache.valid_BS.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._run()
+            run()
         torch.cuda.current_stream().wait_stream(side)
         self.cache.valid_BS.copy_(cache_state)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
         self.cache.valid_BS.copy_(cache_state)
+        return graph, out
+
+
+def pick(logits_BV: Tensor, uniform_BV: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """One token per row from `softmax(logits / temperature)` (argmax at temperature 0) and its
+    log-probability under the untempered model (`log_softmax(logits)`), as the sampler in
+    `rollouts/hf.py` returns it. The draw is the Gumbel-max trick: `argmax(logp / T + g)` with
+    `g = -log(-log(u))`, `u` uniform on [0, 1), is an exact sample of the tempered softmax; it
+    takes one pass over the logits with no sort, cumulative sum or search, so it fuses into the
+    compiled decode step."""
+    logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    if temperature == 0:
+        token_B = logp_BV.argmax(-1)
+    else:
+        token_B = (logp_BV / temperature - torch.log(-torch.log(uniform_BV))).argmax(-1)
+    return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
 
 
 def _write(cache_BKSD: Tensor, slots: Any, new_BKTD: Tensor) -> None:
@@ -235,7 +289,13 @@ def _attend(q_BHTD: Tensor, k_BKSD: Tensor, v_BKSD: Tensor, allowed_BTS: Tensor,
     q = q_BHTD.reshape(B, K, G * T, D)
     mask = allowed_BTS[:, None, None].expand(B, 1, G, T, allowed_BTS.shape[-1])
     mask = mask.reshape(B, 1, G * T, -1)
-    out = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
+    if T == 1 and DECODE_ATTENTION == "matmul":
+        # Scores in the model's dtype (as transformers' eager attention), softmax in float32.
+        scores = torch.matmul(q, k_BKSD.transpose(-1, -2)) * scale
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
+    else:
+        out = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
     return out.reshape(B, H, T, D)
 
 

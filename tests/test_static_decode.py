@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rollouts import SamplingParams, create_engine
-from rollouts.static_decode import StaticDecoder, unsupported
+from rollouts.static_decode import StaticDecoder, pick, unsupported
 
 SMALL = dict(
     hidden_size=64,
@@ -167,3 +167,47 @@ def test_static_decode_cuda_bf16(compile):
     ids, mask = _left_padded(8, [7, 3, 5, 1, 8, 8, 2, 6], SMALL["vocab_size"], device="cuda")
     worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile)
     print(f"compile={compile}: largest bf16 logit gap {worst:.4f}")
+    # The draw inside the graph: greedy tokens equal the argmax of the logits path.
+    decoder = StaticDecoder(model, compile=compile)
+    plain, fused = decoder.start(ids, mask, 9), decoder.start(ids, mask, 9)
+    token = fused_token = plain.first_logits.argmax(-1)
+    for _ in range(8):
+        token = plain.step(token).argmax(-1)
+        fused_token, _ = fused.step_sample(fused_token, 0.0, None)
+        assert torch.equal(token, fused_token)
+
+
+def test_pick_draws_from_the_tempered_softmax():
+    """Gumbel-max: token frequencies over 200k draws match softmax(logits / T) (within 5
+    standard errors); the logprob returned is the untempered one; T = 0 is argmax."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    rows, T = 200_000, 0.7
+    uniform = torch.rand((rows, 5), generator=torch.Generator().manual_seed(0))
+    tokens, logps = pick(logits.expand(rows, 5), uniform, T)
+    want = torch.softmax(logits[0] / T, -1)
+    freq = torch.bincount(tokens, minlength=5).double() / rows
+    stderr = (want * (1 - want) / rows).sqrt()
+    assert torch.all((freq - want).abs() <= 5 * stderr), (freq, want)
+    torch.testing.assert_close(logps, torch.log_softmax(logits[0], -1)[tokens])
+    greedy, logp = pick(logits, uniform[:1], 0.0)
+    assert greedy.item() == 0 and logp.item() == pytest.approx(torch.log_softmax(logits, -1)[0, 0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_step_sample_equals_step_then_pick(temperature):
+    """The fused step (draw inside the step) picks what `pick` picks from `step`'s logits with
+    the same noise."""
+    model = _random_model("qwen2")
+    ids, mask = _left_padded(4, [5, 2, 4, 3], SMALL["vocab_size"])
+    decoder = StaticDecoder(model)
+    plain, fused = decoder.start(ids, mask, 6), decoder.start(ids, mask, 6)
+    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+    token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
+    fused.uniform(temperature, gens[1])
+    fused_token = token
+    for _ in range(5):
+        token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
+        fused_token, fused_logp = fused.step_sample(fused_token, temperature, gens[1])
+        assert torch.equal(token, fused_token)
+        torch.testing.assert_close(logp, fused_logp)

@@ -148,6 +148,10 @@ class OptimConfig(Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN or infinite loss or gradient norm: `stop` the stage with the step named, or
     `skip` that optimizer step (its gradients dropped, counted in `train/skipped_steps`)."""
+    compile: bool | None = None
+    """`torch.compile` each decoder layer for training (`posttrain/compile_layers.py`). None:
+    on CUDA in a single process for Llama-family models; true: any model with `model.layers`;
+    false: never. The first steps of each new sequence length pay the compilation."""
 
 
 class EvalConfig(Strict):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from posttrain.algorithms import grpo
+from posttrain.compile_layers import compile_layers
 from posttrain.config.schema import GRPOParams, GRPOStage, OnlineDPOStage, RFTStage
 from posttrain.data.load import load_rows
 from posttrain.engines import build_engine
@@ -72,7 +73,7 @@ class GRPO:
 
 def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
     def build(model: nn.Module, tokenizer: Any) -> GRPO:
-        reference = frozen_reference(model) if stage.grpo.beta != 0 else None
+        reference = frozen_reference(model, stage.train.compile) if stage.grpo.beta != 0 else None
         return GRPO(
             stage.grpo,
             tokenizer.pad_token_id,
@@ -85,12 +86,16 @@ def run(stage: GRPOStage, ctx: StageContext) -> dict[str, float]:
     return run_iterative(stage, ctx, stage.grpo.prompts_per_iteration, build)
 
 
-def frozen_reference(model: nn.Module) -> nn.Module:
+def frozen_reference(model: nn.Module, compile: bool | None = None) -> nn.Module:
     """The stage's input model as a reference: a frozen copy, or with LoRA the policy itself
-    (algorithms run it under `reference_mode`, which disables the adapter; no second copy)."""
+    (algorithms run it under `reference_mode`, which disables the adapter; no second copy).
+    `compile`: `train.compile` for the copy's layers (the policy's are compiled by its
+    `Learner`, after this copy: see `posttrain/compile_layers.py`)."""
     if is_peft(model):
         return model
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    compile_layers(reference, compile)
+    return reference
 
 
 def run_iterative(

@@ -21,7 +21,9 @@ from posttrain.stages.grpo import frozen_reference, run_iterative
 
 def run(stage: OnlineDPOStage, ctx: StageContext) -> dict[str, float]:
     def build(model: nn.Module, tokenizer: Any) -> OnlineDPO:
-        reference = frozen_reference(model) if stage.dpo.reference == "input" else None
+        reference = (
+            frozen_reference(model, stage.train.compile) if stage.dpo.reference == "input" else None
+        )
         judge = None
         if stage.online_dpo.judge is not None:
             from posttrain.config.load import ConfigError
