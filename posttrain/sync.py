@@ -14,6 +14,20 @@ from posttrain.batch import eval_mode, pad_right
 from posttrain.logprobs import token_logprobs
 from rollouts import RolloutEngine
 
+FLOAT32_BOUND = 1e-2
+HALF_BOUND = 0.1
+"""The default bound in bfloat16/float16: the engine's path (full forward, or vLLM) and the
+trainer's (compiled layers, chunked LM head) round differently; on the benchmark's random 0.5B
+Qwen2 on an H200 the HF engine's probe read 0.043 (`bench/RESULTS.md`, B4)."""
+
+
+def probe_bound(configured: float | None, policy: nn.Module) -> float:
+    """`rollout.max_logprob_diff`, or its default for the policy's dtype."""
+    if configured is not None:
+        return configured
+    dtype = next(policy.parameters()).dtype
+    return FLOAT32_BOUND if dtype in (torch.float32, torch.float64) else HALF_BOUND
+
 
 class SyncError(RuntimeError):
     """The rollout engine's logprobs disagree with the trainer's after a weight sync."""

@@ -14,7 +14,7 @@ from posttrain.learner import Learner
 from posttrain.loop import LoopParts, run_loop
 from posttrain.sampler import PromptSampler
 from posttrain.stages.grpo import GRPO
-from posttrain.sync import SyncError, probe_logprob_diff
+from posttrain.sync import FLOAT32_BOUND, HALF_BOUND, SyncError, probe_bound, probe_logprob_diff
 from posttrain.tracking import JsonlTracker, StageTracker
 from rewards import RewardTerm, Rubric, exact_answer
 from rollouts import SamplingParams, create_engine
@@ -72,3 +72,10 @@ def test_loop_logs_the_probe_and_stops_past_the_bound(tiny, tmp_path):
         match=r"iteration 1, the hf engine's logprobs differ .*\(bound rollout.max_logprob_diff",
     ):
         run_loop(_loop(model, tokenizer, low, tmp_path, bound=1e-3))
+
+
+def test_default_bound_follows_the_policy_dtype():
+    policy = torch.nn.Linear(2, 2)
+    assert probe_bound(None, policy) == FLOAT32_BOUND == 0.01
+    assert probe_bound(None, policy.to(torch.bfloat16)) == HALF_BOUND == 0.1
+    assert probe_bound(0.5, policy) == 0.5

@@ -207,8 +207,10 @@ class RolloutConfig(Strict):
     sync_probe: int = Field(8, ge=0)
     """After each weight sync, compare the engine's logprobs of this many sampled sequences
     with the trainer's (0 = off)."""
-    max_logprob_diff: float = Field(1e-2, gt=0)
-    """Stop the run when the probe's largest absolute logprob difference passes this."""
+    max_logprob_diff: float | None = Field(None, gt=0)
+    """Stop the run when the probe's largest absolute logprob difference passes this. None:
+    0.01 for a float32 policy, 0.1 in bfloat16 or float16, where two code paths round
+    differently (`posttrain/sync.py` `probe_bound`)."""
     workers: int = Field(1, ge=1)
     """Engines sampling in parallel. 1: the engine runs in the trainer's process. > 1: a Ray
     pool of that many `hf` or `vllm` engine actors (one GPU each where the cluster has GPUs);

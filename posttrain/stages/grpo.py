@@ -31,7 +31,7 @@ from posttrain.models.lora import is_peft
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
-from posttrain.sync import probe_logprob_diff
+from posttrain.sync import probe_bound, probe_logprob_diff
 from rollouts import Group, SamplingParams
 
 IterativeStage = GRPOStage | OnlineDPOStage | RFTStage
@@ -139,7 +139,7 @@ def run_iterative(
         samples_every=cfg.tracking.samples_every,
         probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
         probe_size=r.sync_probe,
-        max_logprob_diff=r.max_logprob_diff,
+        max_logprob_diff=probe_bound(r.max_logprob_diff, model),
     )
     final = run_resumable(stage, ctx, parts, sampler)
     ctx.save_output(model, tokenizer)

@@ -34,7 +34,7 @@ from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from posttrain.stages.grpo import run_resumable
-from posttrain.sync import probe_logprob_diff
+from posttrain.sync import probe_bound, probe_logprob_diff
 from rollouts import SamplingParams
 
 
@@ -118,7 +118,7 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         samples_every=cfg.tracking.samples_every,
         probe=partial(probe_logprob_diff, engine, model, pad_id=tokenizer.pad_token_id),
         probe_size=r.sync_probe,
-        max_logprob_diff=r.max_logprob_diff,
+        max_logprob_diff=probe_bound(r.max_logprob_diff, model),
     )
     return PPORun(parts, critic, sampler)
 
