@@ -279,3 +279,35 @@ def trl_step_timer(device: str, clock: StepClock, losses: list, grad_norms: list
                 grad_norms.append(float(logs["grad_norm"]))
 
     return Timer
+
+
+def trl_train_args(args: Any, output_dir: str) -> dict[str, Any]:
+    """The `TrainingArguments` both TRL trainers get, matching our learner: `args.batch_size`
+    rows per optimizer step in micro-batches of `args.micro_batch_size`, `args.steps` steps,
+    torch AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) at a constant `args.lr`,
+    clipping at 1.0, no gradient checkpointing, bf16 on GPU, a log line per step, no saving."""
+    cuda = args.device.startswith("cuda")
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )

@@ -124,7 +124,6 @@ def run_trl(args, model, tokenizer, pairs, clock) -> dict[str, Any]:
     grad_norms: list[float] = []
     Timer = common.trl_step_timer(args.device, clock, losses, grad_norms)
 
-    cuda = args.device.startswith("cuda")
     dataset = Dataset.from_dict(
         {
             "prompt_ids": [p for p, _, _ in pairs],
@@ -137,34 +136,13 @@ def run_trl(args, model, tokenizer, pairs, clock) -> dict[str, Any]:
         dataset.save_to_disk(f"{tmp}/pairs")
         dataset = Dataset.load_from_disk(f"{tmp}/pairs")
         config = DPOConfig(
-            output_dir=f"{tmp}/out",
-            per_device_train_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
-            max_steps=args.steps,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
-            max_grad_norm=1.0,
-            optim="adamw_torch",
-            bf16=cuda,
-            use_cpu=not cuda,
-            gradient_checkpointing=False,
+            **common.trl_train_args(args, f"{tmp}/out"),
             beta=args.beta,
             loss_type=["sigmoid"],
             precompute_ref_log_probs=True,
             precompute_ref_batch_size=args.micro_batch_size,
             max_length=args.prompt_len + args.max_response,
             padding_free=False,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=args.seed,
         )
         start = time.perf_counter()
         trainer = PreTokenized(

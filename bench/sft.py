@@ -103,34 +103,12 @@ def run_trl(args, model, tokenizer, seqs, clock) -> list[float]:
     grad_norms: list[float] = []
     Timer = common.trl_step_timer(args.device, clock, losses, grad_norms)
 
-    cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
-            output_dir=tmp,
-            per_device_train_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=args.batch_size // args.micro_batch_size,
-            max_steps=args.steps,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
-            max_grad_norm=1.0,
-            optim="adamw_torch",
-            bf16=cuda,
-            use_cpu=not cuda,
-            gradient_checkpointing=False,
+            **common.trl_train_args(args, tmp),
             packing=False,
             padding_free=False,
             max_length=args.max_len,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=args.seed,
         )
         trainer = Sequential(
             model=model,

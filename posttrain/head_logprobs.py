@@ -22,6 +22,9 @@ Test: `pytest tests/test_logprobs.py` (values and gradients equal to autograd's)
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,17 +49,14 @@ def _logits_grad(logits_NV: Tensor, lse_N: Tensor, g_N: Tensor, targets_N: Tenso
     return (g_N[:, None] * (onehot - softmax)).to(logits_NV.dtype)
 
 
-_compiled: dict[str, object] = {}
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True)
 
 
-def _kernel(name: str, device: torch.device):
-    """The elementwise step `name`, compiled on CUDA (once per process), eager elsewhere."""
-    fn = {"lse": _lse_and_target, "grad": _logits_grad}[name]
-    if device.type != "cuda":
-        return fn
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
+def _kernel(fn: Callable, device: torch.device) -> Callable:
+    """The elementwise step `fn`, compiled on CUDA (once per process), eager elsewhere."""
+    return _compiled(fn) if device.type == "cuda" else fn
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -65,7 +65,7 @@ class _HeadLogprobs(torch.autograd.Function):
         N = h_ND.shape[0]
         out = torch.empty(N, dtype=torch.float32, device=h_ND.device)
         lse = torch.empty(N, dtype=torch.float32, device=h_ND.device)
-        step = _kernel("lse", h_ND.device)
+        step = _kernel(_lse_and_target, h_ND.device)
         for s in range(0, N, chunk):
             logits = F.linear(h_ND[s : s + chunk], weight_VD)
             out[s : s + chunk], lse[s : s + chunk] = step(logits, targets_N[s : s + chunk])
@@ -81,7 +81,7 @@ class _HeadLogprobs(torch.autograd.Function):
         grad_w = None
         if need_w:
             grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device)
-        step = _kernel("grad", h_ND.device)
+        step = _kernel(_logits_grad, h_ND.device)
         g_N = g_N.float()
         for s in range(0, h_ND.shape[0], ctx.chunk):
             h = h_ND[s : s + ctx.chunk]

@@ -44,7 +44,7 @@ def probe_logprob_diff(
     per_worker = getattr(engine, "worker_logprobs", None)
     engine_lps = per_worker(sequences) if per_worker else [engine.logprobs(sequences)]
     ids, mask = pad_right(sequences, pad_id)
-    with eval_mode(policy), torch.no_grad():
+    with eval_mode(policy):
         trainer_lp = token_logprobs(policy, ids, mask).cpu()
     worst = 0.0
     for engine_lp in engine_lps:

@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain.algorithms import sft
 from posttrain.compile_layers import compile_layers
 from posttrain.config.base import OptimConfig
 from posttrain.learner import Learner
-
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=97,
-)
-
-
-def _model():
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **SMALL))
+from tests.small_models import random_lm
 
 
 def _batch():
@@ -34,7 +20,7 @@ def _batch():
 
 
 def test_compiled_layers_train_like_eager_ones():
-    eager, compiled = _model(), _model()
+    eager, compiled = random_lm(), random_lm()
     assert compile_layers(compiled, True)
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -50,7 +36,7 @@ def test_compiled_layers_train_like_eager_ones():
 
 
 def test_default_compiles_on_cuda_only():
-    model = _model()
+    model = random_lm()
     assert not compile_layers(model, None)  # CPU
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert not compile_layers(model, False)

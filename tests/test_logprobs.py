@@ -12,20 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from posttrain import logprobs
 from posttrain.batch import pad_right
-
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=97,
-)
-
-
-def _model(kind="qwen2"):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **SMALL))
+from tests.small_models import random_lm
 
 
 def _plain(model, ids, mask):
@@ -47,7 +34,7 @@ def _grads(model):
 
 def test_chunked_equals_plain_values_and_gradients(monkeypatch):
     monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 5)  # several chunks, cutting across rows
-    model = _model()
+    model = random_lm()
     ids, mask = _batch()
     weights = torch.rand(ids.shape)
 
@@ -70,7 +57,8 @@ def test_chunked_path_applies_lora(monkeypatch):
 
     monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 7)
     model = get_peft_model(
-        _model(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        random_lm(),
+        LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
     )
     ids, mask = _batch()
     with torch.no_grad():
@@ -128,7 +116,7 @@ def test_a_lora_wrapped_head_takes_the_autograd_chunks(monkeypatch):
 
     monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 4)
     model = get_peft_model(
-        _model(), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+        random_lm(), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
     )
     ids, mask = _batch()
     expected = _plain(model, ids, mask)
@@ -145,7 +133,7 @@ def test_a_lora_wrapped_head_takes_the_autograd_chunks(monkeypatch):
 def test_left_padding_keeps_the_mask_and_rounded_widths_cut_back(monkeypatch):
     """A left-padded batch runs with its mask (equal to the plain path at the real tokens); a
     width rounded past the batch (as on CUDA, `CUDA_WIDTH_MULTIPLE`) is cut back to the input's."""
-    model = _model()
+    model = random_lm()
     ids, mask = _batch()
     lengths = mask.sum(1)
     left_ids, left_mask = torch.zeros_like(ids), torch.zeros_like(mask)

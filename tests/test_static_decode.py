@@ -14,22 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rollouts import SamplingParams, create_engine
 from rollouts.static_decode import StaticDecoder, pick, unsupported
-
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=97,
-    max_position_embeddings=128,
-)
+from tests.small_models import SMALL, random_lm
 
 
 def _random_model(kind: str, **extra) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(kind, **SMALL, **extra)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return random_lm(kind, max_position_embeddings=128, **extra).eval()
 
 
 def _left_padded(batch: int, lengths: list[int], vocab: int, device="cpu"):
