@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from posttrain.shared_prefix import group_order
+
 
 @dataclass(frozen=True)
 class SFTBatch:
@@ -104,8 +106,9 @@ def longest_first(batch: Batch) -> Batch:
     """The rows reordered by length, longest first, so each micro-batch holds rows of similar
     length and little padding is computed (`logprobs.token_logprobs` trims all-padding
     columns). A row's length is its longest attention mask (a pair: the longer sequence).
-    Losses are sums over rows normalised by whole-batch counts, so the order changes nothing
-    but rounding."""
+    Rows that share a prompt stay together (`shared_prefix.group_order`), so a micro-batch runs
+    the prompt once. Losses are sums over rows normalised by whole-batch counts, so the order
+    changes nothing but rounding."""
     masks = [
         getattr(batch, f.name)
         for f in dataclasses.fields(batch)
@@ -114,7 +117,11 @@ def longest_first(batch: Batch) -> Batch:
     if not masks:
         return batch
     lengths = torch.stack([m.sum(-1) for m in masks]).amax(0)
-    order = torch.sort(lengths, descending=True, stable=True).indices
+    order = None
+    if isinstance(getattr(batch, "loss_mask_BT", None), Tensor):
+        order = group_order(batch.input_ids_BT, batch.loss_mask_BT, lengths)
+    if order is None:
+        order = torch.sort(lengths, descending=True, stable=True).indices
     return take_rows(batch, order)
 
 

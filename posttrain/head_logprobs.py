@@ -17,6 +17,10 @@ full-size elementwise kernels over them, forward and backward; at a 152k vocabul
 passes cost more than the head's matmuls. On CUDA the two elementwise steps are compiled
 (`torch.compile`, one fused kernel each); elsewhere they run eagerly.
 
+`lm_head_logprobs(head, h_ND, targets_N)` runs a model's head module: through
+`head_logprobs` when it is a plain bias-free `nn.Linear`, else (LoRA on the head, hooks)
+through autograd, chunk by chunk, under activation checkpointing.
+
 Test: `pytest tests/test_logprobs.py` (values and gradients equal to autograd's).
 """
 
@@ -27,7 +31,29 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def lm_head_logprobs(head: nn.Module, h_ND: Tensor, targets_N: Tensor, chunk: int) -> Tensor:
+    """Float32 `[N]` log-probabilities of `targets_N` after the head module `head`, computed
+    `chunk` positions at a time."""
+    if type(head) is nn.Linear and head.bias is None and not head._forward_hooks:
+        return head_logprobs(h_ND, head.weight, targets_N, chunk)
+    parts = []
+    for s in range(0, h_ND.shape[0], chunk):
+        args = (head, h_ND[s : s + chunk], targets_N[s : s + chunk])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_autograd_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_autograd_logprobs(*args))
+    return torch.cat(parts) if parts else h_ND.new_zeros(0).float()
+
+
+def _autograd_logprobs(head: nn.Module, h_ND: Tensor, targets_N: Tensor) -> Tensor:
+    logits = head(h_ND).float()
+    picked = logits.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def head_logprobs(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, chunk: int) -> Tensor:

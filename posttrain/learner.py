@@ -40,8 +40,12 @@ Forward = Callable[[nn.Module, Any], Any]
 
 
 def logprobs_forward(model: nn.Module, micro: Any) -> Tensor:
-    """The default forward: per-token logprobs of `micro.input_ids_BT` (see `logprobs.py`)."""
-    return token_logprobs(model, micro.input_ids_BT, micro.attention_mask_BT)
+    """The default forward: per-token logprobs of `micro.input_ids_BT` (see `logprobs.py`),
+    computed from each row's first loss position on (the losses are masked), so that rows
+    sharing a prompt run it once (`posttrain/shared_prefix.py`)."""
+    return token_logprobs(
+        model, micro.input_ids_BT, micro.attention_mask_BT, getattr(micro, "loss_mask_BT", None)
+    )
 
 
 class NonFiniteError(FloatingPointError):

@@ -21,12 +21,14 @@ Test: `pytest tests/test_logprobs.py`.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from posttrain import shared_prefix
 from posttrain.distributed import is_distributed
-from posttrain.head_logprobs import head_logprobs
+from posttrain.head_logprobs import lm_head_logprobs
 from rollouts.static_decode import causal_lm, unsupported
 
 CHUNK_TOKENS = 4096
@@ -37,9 +39,26 @@ compiled layers and cuDNN attention (which builds a plan per shape, hundreds of
 milliseconds each) see each shape once."""
 
 
-def token_logprobs(model: nn.Module, input_ids_BT: Tensor, attention_mask_BT: Tensor) -> Tensor:
+def token_logprobs(
+    model: nn.Module,
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    loss_mask_BT: Tensor | None = None,
+) -> Tensor:
+    """`[B, T]` float32 logprobs of a batch. With `loss_mask_BT`, only positions from each
+    row's first loss position on are computed (others hold 0), and rows that share the tokens
+    before it may run them once (`posttrain/shared_prefix.py`)."""
     device = next(model.parameters()).device
     full = input_ids_BT.shape[1]
+    chunked = unsupported(model) is None and not is_distributed()
+    if chunked and loss_mask_BT is not None and _right_padded(attention_mask_BT):
+        plan = shared_prefix.plan(input_ids_BT, attention_mask_BT, loss_mask_BT)
+        if plan is not None:
+            head = partial(lm_head_logprobs, chunk=CHUNK_TOKENS)
+            return shared_prefix.shared_logprobs(
+                causal_lm(model), input_ids_BT.to(device), attention_mask_BT, plan, head,
+                width_multiple=CUDA_WIDTH_MULTIPLE if device.type == "cuda" else 1,
+            )  # fmt: skip
     # Read the mask where it lives (the batch is built on the host): no wait for the device.
     width = _round_width(_used_width(attention_mask_BT), device)
     mask = _fit(attention_mask_BT, width)
@@ -47,7 +66,7 @@ def token_logprobs(model: nn.Module, input_ids_BT: Tensor, attention_mask_BT: Te
     # so the mask can go (the attention kernels then take their causal fast path).
     attention = None if _right_padded(mask) else mask.to(device)
     ids = _fit(input_ids_BT, width).to(device)
-    if unsupported(model) is None and not is_distributed():
+    if chunked:
         out = _chunked_logprobs(model, ids, attention)
     else:
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
@@ -93,22 +112,5 @@ def _chunked_logprobs(model: nn.Module, ids_BT: Tensor, mask_BT: Tensor | None) 
     B, T, D = hidden_BTD.shape
     h_ND = hidden_BTD[:, :-1].reshape(-1, D)
     targets_N = ids_BT[:, 1:].reshape(-1)
-    head = lm.lm_head
-    if type(head) is nn.Linear and head.bias is None and not head._forward_hooks:
-        out = head_logprobs(h_ND, head.weight, targets_N, CHUNK_TOKENS)
-        return nn.functional.pad(out.view(B, T - 1), (1, 0))
-    parts = []  # a wrapped head (LoRA on the head, hooks): autograd, chunk by chunk
-    for s in range(0, h_ND.shape[0], CHUNK_TOKENS):
-        args = (lm.lm_head, h_ND[s : s + CHUNK_TOKENS], targets_N[s : s + CHUNK_TOKENS])
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
-        else:
-            parts.append(_head_logprobs(*args))
-    out = torch.cat(parts).view(B, T - 1) if parts else h_ND.new_zeros((B, 0)).float()
-    return nn.functional.pad(out, (1, 0))
-
-
-def _head_logprobs(head: nn.Module, h_ND: Tensor, targets_N: Tensor) -> Tensor:
-    logits = head(h_ND).float()
-    picked = logits.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    out = lm_head_logprobs(lm.lm_head, h_ND, targets_N, CHUNK_TOKENS)
+    return nn.functional.pad(out.view(B, T - 1), (1, 0))
