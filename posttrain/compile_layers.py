@@ -23,6 +23,12 @@ from posttrain import distributed
 from rollouts.static_decode import causal_lm, unsupported
 
 
+def layers_compiled(model: nn.Module) -> bool:
+    """Whether `model`'s decoder layers are compiled (by `compile_layers`)."""
+    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None) or []
+    return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)
+
+
 def compile_layers(model: nn.Module, enabled: bool | None) -> bool:
     """Compile `model`'s decoder layers when `enabled` (None: decide as the module says).
     Returns whether they are compiled."""

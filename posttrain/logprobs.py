@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain import shared_prefix
+from posttrain.compile_layers import layers_compiled
 from posttrain.distributed import is_distributed
 from posttrain.head_logprobs import lm_head_logprobs
 from rollouts.static_decode import causal_lm, unsupported
@@ -51,7 +52,13 @@ def token_logprobs(
     device = next(model.parameters()).device
     full = input_ids_BT.shape[1]
     chunked = unsupported(model) is None and not is_distributed()
-    if chunked and loss_mask_BT is not None and _right_padded(attention_mask_BT):
+    # Compiled layers are left out: a KV cache in a compiled layer recompiles it per layer.
+    if (
+        chunked
+        and loss_mask_BT is not None
+        and _right_padded(attention_mask_BT)
+        and not layers_compiled(model)
+    ):
         plan = shared_prefix.plan(input_ids_BT, attention_mask_BT, loss_mask_BT)
         if plan is not None:
             head = partial(lm_head_logprobs, chunk=CHUNK_TOKENS)

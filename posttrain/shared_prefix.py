@@ -16,6 +16,9 @@ shared path runs only when it saves at least `MIN_SAVED_FRACTION` of the tokens.
 before a row's first loss position hold 0 in the result (not that token's logprob), so only
 callers whose losses are masked pass a loss mask (`posttrain.learner.logprobs_forward`).
 
+Compiled decoder layers (`train.compile`, the default on CUDA) take the plain path: the KV
+cache's per-layer state makes `torch.compile` recompile each layer.
+
 `group_order` keeps the rows of one prefix next to each other when a batch is sorted by
 length for micro-batching (`posttrain.batch.longest_first`), so they land in one micro-batch.
 

@@ -159,3 +159,17 @@ def test_learner_step_with_shared_prefix_equals_plain(micro_batch, monkeypatch):
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_layers_take_the_plain_path():
+    """A KV cache inside compiled layers would recompile each layer: not shared."""
+    from posttrain.compile_layers import compile_layers
+
+    model = random_lm()
+    compile_layers(model, True)
+    ids, attention, loss = _groups(seed=8)
+    with torch.no_grad():
+        got = logprobs.token_logprobs(model, ids, attention, loss)
+    prompt = (loss == 0) & (attention == 1)
+    prompt[:, 0] = False  # position 0 has no logprob on any path
+    assert torch.all(got[prompt] != 0)  # the plain path computed the prompts' logprobs
