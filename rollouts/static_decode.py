@@ -90,15 +90,19 @@ class StaticDecoder:
 
     # -- one pass of the decoder over T new positions -----------------------------------------
 
-    def _forward(self, cache: _Cache, ids_BT: Tensor, pos_BT: Tensor, slots: Any) -> Tensor:
+    def _forward(
+        self, cache: _Cache, ids_BT: Tensor, pos_BT: Tensor, slots: Any, visible: int | None = None
+    ) -> Tensor:
         """Run `ids_BT` at positions `pos_BT`, writing their keys/values at cache `slots` (a
-        slice for the prefill, a 1-element index tensor for a decode step). Returns the last
-        position's hidden state after the final norm, `[B, hidden]`."""
+        slice for the prefill, a 1-element index tensor for a decode step). `visible`: attend
+        to the first `visible` slots only (the ones written so far; None = all, a fixed shape
+        for compiled steps and CUDA graphs). Returns the last position's hidden state after
+        the final norm, `[B, hidden]`."""
         h = self.body.embed_tokens(ids_BT)
         cos, sin = self.body.rotary_emb(h, pos_BT)
         cos, sin = cos[:, None], sin[:, None]
         B, T = ids_BT.shape
-        allowed = _allowed(cache.valid_BS, slots, T)
+        allowed = _allowed(cache.valid_BS, slots, T)[..., :visible]
         for i, layer in enumerate(self.body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -112,7 +116,8 @@ class StaticDecoder:
             k = k * cos + _rotate_half(k) * sin
             _write(cache.keys[i], slots, k)
             _write(cache.values[i], slots, v)
-            out = _attend(q, cache.keys[i], cache.values[i], allowed, attn.scaling)
+            keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
+            out = _attend(q, keys, values, allowed, attn.scaling)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
@@ -120,9 +125,16 @@ class StaticDecoder:
     def logits(self, hidden_BH: Tensor) -> Tensor:
         return self.lm.lm_head(hidden_BH)
 
-    def _step(self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor) -> Tensor:
+    def _step(
+        self,
+        cache: _Cache,
+        token_B: Tensor,
+        pos_B: Tensor,
+        slot: Tensor,
+        visible: int | None = None,
+    ) -> Tensor:
         """One decode step: the logits after `token_B`, written at cache `slot`."""
-        return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot))
+        return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot, visible))
 
     def _step_sample(
         self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor, uniform_BV: Tensor,
@@ -134,34 +146,53 @@ class StaticDecoder:
     # -- a generation session -----------------------------------------------------------------
 
     @torch.no_grad()
-    def start(self, ids_BP: Tensor, mask_BP: Tensor, max_new_tokens: int) -> DecodeSession:
-        """Prefill left-padded prompts; the session then decodes up to `max_new_tokens`."""
-        B, P = ids_BP.shape
+    def start(
+        self, ids_UP: Tensor, mask_UP: Tensor, max_new_tokens: int, rows_B: Tensor | None = None
+    ) -> DecodeSession:
+        """Prefill left-padded prompts; the session then decodes up to `max_new_tokens`.
+        `rows_B`: row b decodes prompt `rows_B[b]` (each distinct prompt is prefilled once and
+        its cache copied to its rows); None = one row per prompt."""
+        shared = rows_B is not None
+        if rows_B is None:
+            rows_B = torch.arange(ids_UP.shape[0], device=ids_UP.device)
+        B, P = rows_B.shape[0], ids_UP.shape[1]
         S = P + max_new_tokens
         if self.compiled:  # few cache lengths, so few compilations
             S = -(-S // 128) * 128
-        device, dtype = ids_BP.device, self.body.embed_tokens.weight.dtype
-        shape = (B, self.kv_heads, S, self.head_dim)
-        cache = _Cache(
-            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
-            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
-            valid_BS=torch.zeros((B, S), dtype=torch.bool, device=device),
-        )
-        cache.valid_BS[:, :P] = mask_BP.bool()
-        positions = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+        cache = self._empty_cache(B, S, ids_UP.device)
+        prefix = self._empty_cache(ids_UP.shape[0], P, ids_UP.device) if shared else cache
+        prefix.valid_BS[:, :P] = mask_UP.bool()
+        positions_UP = (mask_UP.cumsum(-1) - 1).clamp(min=0)
         # Prefill a few rows at a time: the MLP's activations of every prompt token at once
         # would outgrow the cache itself. Row slices of the cache are views, written in place.
         hidden = []
         step = max(1, PREFILL_TOKENS // P)
-        for r in range(0, B, step):
+        for r in range(0, ids_UP.shape[0], step):
             rows = slice(r, r + step)
             part = _Cache(
-                [k[rows] for k in cache.keys], [v[rows] for v in cache.values], cache.valid_BS[rows]
+                [k[rows] for k in prefix.keys],
+                [v[rows] for v in prefix.values],
+                prefix.valid_BS[rows],
             )
-            hidden.append(self._forward(part, ids_BP[rows], positions[rows], slice(0, P)))
-        hidden = torch.cat(hidden)
-        use_graph = self.cuda_graphs and device.type == "cuda"
-        return DecodeSession(self, cache, positions[:, -1] + 1, P, self.logits(hidden), use_graph)
+            hidden.append(self._forward(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
+        hidden_BD = torch.cat(hidden)[rows_B]
+        if shared:
+            for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
+                                  strict=True):  # fmt: skip
+                full[:, :, :P] = part[rows_B]
+            cache.valid_BS[:, :P] = prefix.valid_BS[rows_B]
+        use_graph = self.cuda_graphs and ids_UP.device.type == "cuda"
+        next_pos_B = positions_UP[rows_B, -1] + 1
+        return DecodeSession(self, cache, next_pos_B, P, self.logits(hidden_BD), use_graph)
+
+    def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:
+        dtype = self.body.embed_tokens.weight.dtype
+        shape = (B, self.kv_heads, S, self.head_dim)
+        return _Cache(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
+            valid_BS=torch.zeros((B, S), dtype=torch.bool, device=device),
+        )
 
 
 class DecodeSession:
@@ -184,6 +215,10 @@ class DecodeSession:
         self._token_B = torch.zeros_like(next_pos_B)
         self._pos_B = next_pos_B.clone()
         self._slot = torch.tensor([first_slot], device=device)
+        self._next_slot = first_slot
+        # Steps that run eagerly attend to the slots written so far; compiled steps and CUDA
+        # graphs keep one shape (the whole cache).
+        self._fixed_shape = use_graph or decoder.compiled
         self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self._use_graph = use_graph
         self._uniform_BV: Tensor | None = None
@@ -191,7 +226,9 @@ class DecodeSession:
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed the tokens just sampled; returns the logits for the next ones."""
-        run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B, self._slot)
+        visible = None if self._fixed_shape else self._next_slot + 1
+        run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B, self._slot,
+                      visible)  # fmt: skip
         return self._advance(tokens_B, "logits", run)
 
     @torch.no_grad()
@@ -224,6 +261,7 @@ class DecodeSession:
             graph.replay()
         self._pos_B += 1
         self._slot += 1
+        self._next_slot += 1
         return out
 
     def _capture(self, run: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:

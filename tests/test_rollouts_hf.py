@@ -7,6 +7,7 @@ import torch
 from posttrain.batch import pad_right
 from posttrain.logprobs import token_logprobs
 from rollouts import Group, RolloutEngine, SamplingParams, create_engine
+from rollouts.hf import inverse_cdf
 
 PROMPTS = ["12+34=", "7+8=", "99+99="]
 
@@ -59,6 +60,19 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(tiny):
     first = [s.completion_ids for g in engine.generate(PROMPTS, 3, seeded) for s in g.samples]
     second = [s.completion_ids for g in engine.generate(PROMPTS, 3, seeded) for s in g.samples]
     assert first == second
+
+
+def test_inverse_cdf_draws_from_the_distribution():
+    """Token frequencies over 200k draws match the normalised weights (within 5 standard
+    errors); tokens of weight 0 (first, middle, last) are never drawn."""
+    weights = torch.tensor([0.0, 3.0, 1.0, 0.0, 0.5, 2.0, 0.0])
+    rows = 200_000
+    tokens = inverse_cdf(weights.expand(rows, -1), torch.Generator().manual_seed(0))
+    want = (weights / weights.sum()).double()
+    freq = torch.bincount(tokens, minlength=7).double() / rows
+    stderr = (want * (1 - want) / rows).sqrt()
+    assert torch.all((freq - want).abs() <= 5 * stderr), (freq, want)
+    assert torch.all(freq[weights == 0] == 0)
 
 
 def test_top_p_tiny_keeps_only_the_top_token(tiny):

@@ -39,10 +39,16 @@ def _reference_logits(model, ids, mask):
     return out.logits[:, -1].float()
 
 
-def _check_steps(model, ids, mask, steps: int, atol: float, compile: bool = False) -> float:
-    """Prefill + `steps` decode steps, each compared with a full forward; the worst gap."""
+def _check_steps(
+    model, ids, mask, steps: int, atol: float, compile: bool = False, rows=None
+) -> float:
+    """Prefill + `steps` decode steps, each compared with a full forward; the worst gap.
+    `rows`: the decoder prefills each prompt once for the rows that decode it."""
     gen = torch.Generator().manual_seed(2)
-    session = StaticDecoder(model, compile=compile).start(ids, mask, max_new_tokens=steps + 1)
+    decoder = StaticDecoder(model, compile=compile)
+    session = decoder.start(ids, mask, max_new_tokens=steps + 1, rows_B=rows)
+    if rows is not None:
+        ids, mask = ids[rows], mask[rows]
     logits, worst = session.first_logits, 0.0
     for _ in range(steps + 1):
         expected = _reference_logits(model, ids, mask)
@@ -72,6 +78,16 @@ def test_prefill_and_steps_match_transformers(kind, extra):
     assert unsupported(model) is None
     ids, mask = _left_padded(4, [7, 3, 5, 1], SMALL["vocab_size"])
     _check_steps(model, ids, mask, steps=6, atol=1e-5)
+
+
+@torch.no_grad()
+def test_shared_prefill_matches_transformers():
+    """Prompts prefilled once and copied to the rows that sample them (rows out of prompt
+    order): every step equals the full forward of the expanded batch."""
+    model = _random_model("qwen2")
+    ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
+    rows = torch.tensor([0, 0, 2, 1, 2, 2, 0])
+    _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows)
 
 
 @torch.no_grad()
