@@ -130,10 +130,11 @@ class StaticDecoder:
         cache: _Cache,
         token_B: Tensor,
         pos_B: Tensor,
-        slot: Tensor,
+        slot: Any,
         visible: int | None = None,
     ) -> Tensor:
-        """One decode step: the logits after `token_B`, written at cache `slot`."""
+        """One decode step: the logits after `token_B`, written at cache `slot` (a 1-element
+        index tensor; or, with `visible`, a slice whose `valid_BS` column is already set)."""
         return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot, visible))
 
     def _step_sample(
@@ -226,9 +227,14 @@ class DecodeSession:
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed the tokens just sampled; returns the logits for the next ones."""
-        visible = None if self._fixed_shape else self._next_slot + 1
-        run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B, self._slot,
-                      visible)  # fmt: skip
+        if self._fixed_shape:
+            run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
+                          self._slot)  # fmt: skip
+        else:  # the slot as a slice: a plain strided write, and attention up to it
+            slot = self._next_slot
+            self.cache.valid_BS[:, slot] = True
+            run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
+                          slice(slot, slot + 1), slot + 1)  # fmt: skip
         return self._advance(tokens_B, "logits", run)
 
     @torch.no_grad()
