@@ -102,12 +102,12 @@ def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
         yield take_rows(batch, slice(start, start + size))
 
 
-def longest_first(batch: Batch) -> Batch:
+def longest_first(batch: Batch, keep_prompts: bool = True) -> Batch:
     """The rows reordered by length, longest first, so each micro-batch holds rows of similar
     length and little padding is computed (`logprobs.token_logprobs` trims all-padding
     columns). A row's length is its longest attention mask (a pair: the longer sequence).
-    Rows that share a prompt stay together (`shared_prefix.group_order`), so a micro-batch runs
-    the prompt once. Losses are sums over rows normalised by whole-batch counts, so the order
+    With `keep_prompts`, rows that share a prompt stay together (`shared_prefix.group_order`),
+    so a micro-batch runs the prompt once. Losses are sums over rows normalised by whole-batch counts, so the order
     changes nothing but rounding."""
     masks = [
         getattr(batch, f.name)
@@ -118,7 +118,7 @@ def longest_first(batch: Batch) -> Batch:
         return batch
     lengths = torch.stack([m.sum(-1) for m in masks]).amax(0)
     order = None
-    if isinstance(getattr(batch, "loss_mask_BT", None), Tensor):
+    if keep_prompts and isinstance(getattr(batch, "loss_mask_BT", None), Tensor):
         order = group_order(batch.input_ids_BT, batch.loss_mask_BT, lengths)
     if order is None:
         order = torch.sort(lengths, descending=True, stable=True).indices

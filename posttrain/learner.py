@@ -102,7 +102,9 @@ class Learner:
         self.calls += 1
         if not distributed.is_distributed():
             totals: dict[str, Any] = defaultdict(float)
-            for micro in micro_batches(longest_first(batch), self.cfg.micro_batch_size):
+            # Compiled layers never share prompts (`posttrain/shared_prefix.py`): sort by length.
+            ordered = longest_first(batch, keep_prompts=not self.compiled)
+            for micro in micro_batches(ordered, self.cfg.micro_batch_size):
                 loss, metrics = loss_fn(forward(self.model, micro), micro)
                 loss.backward()
                 _add(totals, loss, metrics, 1.0)

@@ -173,3 +173,28 @@ def test_compiled_layers_take_the_plain_path():
     prompt = (loss == 0) & (attention == 1)
     prompt[:, 0] = False  # position 0 has no logprob on any path
     assert torch.all(got[prompt] != 0)  # the plain path computed the prompts' logprobs
+
+
+def test_longest_first_can_sort_by_length_only():
+    """`keep_prompts=False` (compiled layers, which never share): a plain sort by length."""
+    ids, attention, loss = _groups(prompt_lengths=(2, 2, 2), n=3, seed=5)
+    batch = GRPOBatch(ids, attention, loss, torch.zeros(9), None, None, 9, int(loss.sum()))
+    ordered = longest_first(batch, keep_prompts=False)
+    want = torch.sort(attention.sum(1), descending=True, stable=True).indices
+    assert torch.equal(ordered.input_ids_BT, ids[want])
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_shared_prefix_cuda_bf16():
+    """On the GPU in bf16 (layers not compiled): the shared path within bf16 rounding of the
+    plain one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = random_lm().to("cuda", torch.bfloat16)
+    ids, attention, loss = _groups(seed=9)
+    plain = logprobs.token_logprobs(model, ids, attention).float().cpu()
+    got = logprobs.token_logprobs(model, ids, attention, loss).float().cpu()
+    gap = ((got - plain) * loss).abs().max().item()
+    print(f"shared vs plain, bf16: max gap {gap:.4f}")
+    assert gap < 0.1

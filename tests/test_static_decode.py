@@ -172,6 +172,9 @@ def test_static_decode_cuda_bf16(compile):
     ids, mask = _left_padded(8, [7, 3, 5, 1, 8, 8, 2, 6], SMALL["vocab_size"], device="cuda")
     worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile)
     print(f"compile={compile}: largest bf16 logit gap {worst:.4f}")
+    rows = torch.tensor([0, 0, 3, 1, 3, 7, 7, 7], device="cuda")  # shared prefill
+    worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile, rows=rows)
+    print(f"compile={compile}, shared prefill: largest bf16 logit gap {worst:.4f}")
     # The draw inside the graph: greedy tokens equal the argmax of the logits path.
     decoder = StaticDecoder(model, compile=compile)
     plain, fused = decoder.start(ids, mask, 9), decoder.start(ids, mask, 9)
