@@ -107,8 +107,8 @@ def longest_first(batch: Batch, keep_prompts: bool = True) -> Batch:
     length and little padding is computed (`logprobs.token_logprobs` trims all-padding
     columns). A row's length is its longest attention mask (a pair: the longer sequence).
     With `keep_prompts`, rows that share a prompt stay together (`shared_prefix.group_order`),
-    so a micro-batch runs the prompt once. Losses are sums over rows normalised by whole-batch counts, so the order
-    changes nothing but rounding."""
+    so a micro-batch runs the prompt once. Losses are sums over rows normalised by whole-batch
+    counts, so the order changes nothing but rounding."""
     masks = [
         getattr(batch, f.name)
         for f in dataclasses.fields(batch)

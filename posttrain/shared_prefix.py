@@ -1,6 +1,6 @@
 """Rows that share a prompt run it once: per-token logprobs of sampled groups.
 
-GRPO (and RFT, online DPO) batches hold several samples of each prompt, so every prompt is
+GRPO and RFT batches hold several samples of each prompt, so every prompt is
 repeated in `n` rows. Their losses read logprobs only at the loss mask's positions, and the
 tokens before a row's first loss position (its prefix: the prompt) need no logprobs of their
 own: the completion needs only their keys and values, and the hidden state of the last prefix

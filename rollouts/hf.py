@@ -7,11 +7,11 @@ decoding padding until the whole micro-batch is done.
 
 Llama-family models decode through `rollouts/static_decode.py` (a static KV cache, attention
 that reads grouped KV heads once, the step replayed as a CUDA graph on GPU); other models, or
-`static_cache=False`, use transformers' own cache. Sampling runs on the model's device, by inverse
-CDF (`inverse_cdf`: one uniform number per row); on CUDA with the static decoder, temperature
-sampling with `top_p = 1` and greedy decoding draw inside the compiled step
+`static_cache=False`, use transformers' own cache. Sampling runs on the model's device, by
+inverse CDF (`inverse_cdf`: one uniform number per row); on CUDA with the static decoder,
+temperature sampling with `top_p = 1` and greedy decoding draw inside the compiled step
 (`static_decode.pick`, the Gumbel-max trick: the same distribution, other draws for the same
-seed). Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows`).
+seed). Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
 
 Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 """
