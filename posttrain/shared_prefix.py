@@ -70,22 +70,19 @@ def plan(ids_BT: Tensor, attention_BT: Tensor, loss_mask_BT: Tensor) -> Plan | N
     found = prefix_groups(ids_BT, loss_mask_BT)
     if found is None:
         return None
-    lengths, groups = found
-    firsts = {}
-    for row, group in enumerate(groups):
-        firsts.setdefault(group, row)
-    saved = sum(lengths) - sum(lengths[row] for row in firsts.values())
-    if saved < MIN_SAVED_FRACTION * int(attention_BT.sum()):
+    if _saved(*found) < MIN_SAVED_FRACTION * int(attention_BT.sum()):
         return None
-    return Plan(lengths, torch.tensor(groups), list(firsts.values()))
+    lengths, groups = found
+    return Plan(lengths, torch.tensor(groups), list(_firsts(groups).values()))
 
 
 def group_order(ids_BT: Tensor, loss_mask_BT: Tensor, lengths_B: Tensor) -> Tensor | None:
     """Rows by length, longest first, with the rows of a prefix kept together: prefixes
-    ordered by their longest row, rows within one by length. None when the rows share no
-    prefix (a plain sort by length then does the same)."""
+    ordered by their longest row, rows within one by length. None when sharing would save
+    less than `MIN_SAVED_FRACTION` of the batch's tokens (then a plain sort by length keeps
+    the padding lowest)."""
     found = prefix_groups(ids_BT, loss_mask_BT)
-    if found is None or len(set(found[1])) == len(found[1]):
+    if found is None or _saved(*found) < MIN_SAVED_FRACTION * int(lengths_B.sum()):
         return None
     group_B = torch.tensor(found[1])
     longest_G = torch.zeros(int(group_B.max()) + 1, dtype=lengths_B.dtype)
@@ -161,3 +158,16 @@ def shared_logprobs(
 
 def _round_up(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
+
+
+def _firsts(groups: list[int]) -> dict[int, int]:
+    """Per distinct prefix: the first row that holds it."""
+    firsts: dict[int, int] = {}
+    for row, group in enumerate(groups):
+        firsts.setdefault(group, row)
+    return firsts
+
+
+def _saved(lengths: list[int], groups: list[int]) -> int:
+    """Prefix tokens that sharing skips: every repeat of a prefix after its first row."""
+    return sum(lengths) - sum(lengths[row] for row in _firsts(groups).values())

@@ -198,3 +198,18 @@ def test_shared_prefix_cuda_bf16():
     gap = ((got - plain) * loss).abs().max().item()
     print(f"shared vs plain, bf16: max gap {gap:.4f}")
     assert gap < 0.1
+
+
+def test_longest_first_ignores_prefixes_too_short_to_share():
+    """Losses from the second token on (a one-token prefix, shared by many rows) save nothing:
+    the rows are sorted by length alone, whatever their first token."""
+    gen = torch.Generator().manual_seed(10)
+    rows = [[int(t)] + torch.randint(1, 97, (int(n),), generator=gen).tolist()
+            for t, n in zip([5, 6, 5, 6, 5, 6], [3, 9, 4, 8, 2, 7], strict=True)]  # fmt: skip
+    ids, attention = pad_right(rows, 0)
+    loss = attention.clone()
+    loss[:, 0] = 0
+    batch = SFTBatch(ids, attention, loss, 6, int(loss.sum()))
+    ordered = longest_first(batch)
+    want = torch.sort(attention.sum(1), descending=True, stable=True).indices
+    assert torch.equal(ordered.input_ids_BT, ids[want])
