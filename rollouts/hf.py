@@ -143,14 +143,16 @@ class HFEngine:
             mask[row, width - len(ids) :] = 1
         input_ids, mask, rows_B = input_ids.to(device), mask.to(device), rows_B.to(device)
         T = sampling.temperature
-        if self.static_cache:
+        # Checked per call: FSDP2 shards the shared model after the engine is built.
+        static = self.static_cache and unsupported(self.model) is None
+        if static:
             session = self._static_decoder(device).start(
                 input_ids, mask, sampling.max_new_tokens, rows_B if len(distinct) < batch else None
             )
             logits, step = session.first_logits, session.step
         else:
             logits, step = self._transformers_steps(input_ids[rows_B], mask[rows_B])
-        if self.static_cache and device.type == "cuda" and sampling.top_p == 1.0:
+        if static and device.type == "cuda" and sampling.top_p == 1.0:
             # The draw runs inside the compiled step and its CUDA graph (`pick`).
             token, logp = pick(logits, session.uniform(T, generator), T)
             advance = partial(session.step_sample, temperature=T, generator=generator)

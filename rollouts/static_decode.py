@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
@@ -54,6 +55,10 @@ def unsupported(model: nn.Module) -> str | None:
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if body is None or not all(hasattr(body, n) for n in needed) or not hasattr(lm, "lm_head"):
         return "an unexpected module layout"
+    if isinstance(next(lm.parameters(), None), DTensor):
+        # FSDP2 gathers a layer's weights in hooks on the layers and the root forward; the
+        # decoder calls the submodules themselves.
+        return "parameters sharded by FSDP2"
     return None
 
 

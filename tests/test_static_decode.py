@@ -219,3 +219,25 @@ def test_step_sample_equals_step_then_pick(temperature):
         fused_token, fused_logp = fused.step_sample(fused_token, temperature, gens[1])
         assert torch.equal(token, fused_token)
         torch.testing.assert_close(logp, fused_logp)
+
+
+def test_fsdp2_sharded_parameters_fall_back_to_transformers():
+    """FSDP2 gathers weights in hooks on the layers and the root forward, which the static
+    decoder bypasses: a model whose parameters are DTensors is unsupported (the HF engine then
+    decodes through the model's forward)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = _random_model("qwen2")
+    assert unsupported(model) is None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                sharded = distribute_tensor(p.detach(), mesh, [Shard(0)])
+                setattr(module, name, torch.nn.Parameter(sharded))
+        assert unsupported(model) == "parameters sharded by FSDP2"
+    finally:
+        dist.destroy_process_group()

@@ -66,3 +66,22 @@ def test_load_policy_resolves_tiny_scheme(tiny_cache):
     model, tokenizer = load_policy("tiny://arithmetic", "float32", "cpu", seed=0)
     assert model.training
     assert tokenizer.pad_token_id is not None
+
+
+def test_a_second_builder_waits_for_the_first(tmp_path):
+    """Builders of one preset take turns (the processes of `accelerate launch` all start
+    building a fresh cache at once): while the lock is held, a build waits; after, it runs."""
+    import fcntl
+    import threading
+
+    with open(tmp_path / ".arithmetic-seed0-v1.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = threading.Thread(target=build_tiny, args=("arithmetic",),
+                                   kwargs={"cache_dir": tmp_path})  # fmt: skip
+        builder.start()
+        builder.join(3)
+        assert builder.is_alive()  # waiting for the lock
+        assert not (tmp_path / "arithmetic-seed0-v1").exists()
+    builder.join(120)
+    assert not builder.is_alive()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "arithmetic-seed0-v1")

@@ -11,6 +11,7 @@ Try: `python -c "from posttrain.models.tiny import build_tiny; print(build_tiny(
 from __future__ import annotations
 
 import difflib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -65,6 +66,18 @@ def build_tiny(preset: str, seed: int = 0, cache_dir: str | Path | None = None) 
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (the processes of `accelerate launch` all start here at once; two
+    # processes building side by side on a fresh machine left a folder transformers could not
+    # load): the others wait, then find the finished folder.
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            _build(spec, seed, root, target)
+    return target
+
+
+def _build(spec: TinyPreset, seed: int, root: Path, target: Path) -> None:
+    """Write the tokenizer and the model to a staging folder, then rename it to `target`."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         tokenizer = _train_tokenizer(spec.vocab_size)
@@ -77,7 +90,6 @@ def build_tiny(preset: str, seed: int = 0, cache_dir: str | Path | None = None) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
 
 
 def _corpus() -> list[str]:
