@@ -259,7 +259,8 @@ def inverse_cdf(probs_BV: Tensor, generator: torch.Generator) -> Tensor:
     u_B1 = torch.rand(
         (probs_BV.shape[0], 1), generator=generator, device=probs_BV.device, dtype=torch.float64
     )
-    token_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)
-    # Rounding can put the draw at the total: then the last token of nonzero probability.
-    last_B = probs_BV.shape[-1] - 1 - (probs_BV.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(token_B, last_B)
+    total_B1 = cdf_BV[:, -1:]
+    # Kept below the total (rounding could reach it), so some token's cumulative probability
+    # exceeds the draw: the last token of nonzero probability at the latest.
+    draw_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
+    return torch.searchsorted(cdf_BV, draw_B1, right=True).squeeze(-1)

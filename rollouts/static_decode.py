@@ -159,9 +159,7 @@ class StaticDecoder:
         `rows_B`: row b decodes prompt `rows_B[b]` (each distinct prompt is prefilled once and
         its cache copied to its rows); None = one row per prompt."""
         shared = rows_B is not None
-        if rows_B is None:
-            rows_B = torch.arange(ids_UP.shape[0], device=ids_UP.device)
-        B, P = rows_B.shape[0], ids_UP.shape[1]
+        B, P = (rows_B.shape[0] if shared else ids_UP.shape[0]), ids_UP.shape[1]
         S = P + max_new_tokens
         if self.compiled:  # few cache lengths, so few compilations
             S = -(-S // 128) * 128
@@ -181,14 +179,14 @@ class StaticDecoder:
                 prefix.valid_BS[rows],
             )
             hidden.append(self._forward(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
-        hidden_BD = torch.cat(hidden)[rows_B]
+        hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
         if shared:
             for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
                                   strict=True):  # fmt: skip
                 full[:, :, :P] = part[rows_B]
             cache.valid_BS[:, :P] = prefix.valid_BS[rows_B]
+            hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
         use_graph = self.cuda_graphs and ids_UP.device.type == "cuda"
-        next_pos_B = positions_UP[rows_B, -1] + 1
         return DecodeSession(self, cache, next_pos_B, P, self.logits(hidden_BD), use_graph)
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:
