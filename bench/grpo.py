@@ -2,8 +2,8 @@
 
 Both systems train the same weights on the same prompts with the same settings: 32 prompts x
 8 samples per step, prompts of `--prompt-len` random digits (one token each with the embedded
-tokenizer), `--new-tokens` new tokens forced (TRL: `min_new_tokens`; ours: the random model
-almost never samples its end token, and the mean completion length is reported), beta 0.04
+tokenizer), `--new-tokens` new tokens forced (TRL: `min_new_tokens`; ours: `rollout.ignore_eos`;
+ours reports its mean completion length), beta 0.04
 with a frozen reference model, sequence-level loss (TRL `loss_type="grpo"`), group-scaled
 advantages, micro-batches of 32 sequences, one optimizer step per generation, lr 1e-6, no
 gradient checkpointing, no checkpoints saved. The reward is the same Python function, with
@@ -70,6 +70,7 @@ def _ours(args: argparse.Namespace, prompts: list[str], tmp: Path) -> dict:
             "engine": args.engine,
             "n": args.n,
             "max_new_tokens": args.new_tokens,
+            "ignore_eos": True,
             "batch_size": args.prompts * args.n,
             "sync_probe": 8,  # its largest gap is reported (`sync_probe_max_diff`)
         },

@@ -5,8 +5,9 @@ The decoder runs the model's own submodules (embedding, norms, the q/k/v/o proje
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
 weights: nothing is copied and nothing needs syncing. Only the attention is its own: the
 queries of the heads that share a KV head are laid side by side, so each KV head is read once
-(`_attend`). The cache lives only for one `generate` call, so the memory goes back to the
-trainer between rollouts.
+(`_attend`). Samples of one prompt share its prefill; eager steps (CPU) also keep its keys and
+values once and read them once per group (`rollouts/grouped_attention.py`). The cache lives
+only for one `generate` call, so the memory goes back to the trainer between rollouts.
 
 Supported: model types in `SUPPORTED` with full attention in every layer; `unsupported(model)`
 says why another model falls back to the plain transformers loop.
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
+from rollouts.grouped_attention import attend_grouped, grouped_rows
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
@@ -69,6 +72,10 @@ class _Cache:
     values: list[Tensor]
     valid_BS: Tensor
     """True where a slot holds a real token (not left padding, not yet written)."""
+    prompts: _Cache | None = None
+    """Eager steps over rows in equal groups per prompt: the distinct prompts' cache, read
+    once per group (`rollouts/grouped_attention.py`); the rows' own cache then holds only
+    generated tokens."""
 
 
 class StaticDecoder:
@@ -107,7 +114,8 @@ class StaticDecoder:
         cos, sin = self.body.rotary_emb(h, pos_BT)
         cos, sin = cos[:, None], sin[:, None]
         B, T = ids_BT.shape
-        allowed = _allowed(cache.valid_BS, slots, T)[..., :visible]
+        prompts = cache.prompts
+        allowed = None if prompts else _allowed(cache.valid_BS, slots, T)[..., :visible]
         for i, layer in enumerate(self.body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -122,7 +130,11 @@ class StaticDecoder:
             _write(cache.keys[i], slots, k)
             _write(cache.values[i], slots, v)
             keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
-            out = _attend(q, keys, values, allowed, attn.scaling)
+            if prompts is None:
+                out = _attend(q, keys, values, allowed, attn.scaling)
+            else:
+                pk, pv, valid = prompts.keys[i], prompts.values[i], prompts.valid_BS
+                out = attend_grouped(q, pk, pv, valid, keys, values, attn.scaling)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
@@ -160,7 +172,14 @@ class StaticDecoder:
         its cache copied to its rows); None = one row per prompt."""
         shared = rows_B is not None
         B, P = (rows_B.shape[0] if shared else ids_UP.shape[0]), ids_UP.shape[1]
-        S = P + max_new_tokens
+        use_graph = self.cuda_graphs and ids_UP.device.type == "cuda"
+        # Eager steps keep a prompt's cache once for its rows (compiled steps and CUDA graphs
+        # keep the one-cache layout they were built for).
+        grouped = (
+            shared and P > 0 and not (use_graph or self.compiled)
+            and grouped_rows(rows_B, ids_UP.shape[0])
+        )  # fmt: skip
+        S = max_new_tokens if grouped else P + max_new_tokens
         if self.compiled:  # few cache lengths, so few compilations
             S = -(-S // 128) * 128
         cache = self._empty_cache(B, S, ids_UP.device)
@@ -180,14 +199,17 @@ class StaticDecoder:
             )
             hidden.append(self._forward(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
         hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
-        if shared:
+        if grouped:
+            cache.prompts = prefix
+        elif shared:
             for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
                                   strict=True):  # fmt: skip
                 full[:, :, :P] = part[rows_B]
             cache.valid_BS[:, :P] = prefix.valid_BS[rows_B]
+        if shared:
             hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
-        use_graph = self.cuda_graphs and ids_UP.device.type == "cuda"
-        return DecodeSession(self, cache, next_pos_B, P, self.logits(hidden_BD), use_graph)
+        first_slot = 0 if grouped else P
+        return DecodeSession(self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph)
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:
         dtype = self.body.embed_tokens.weight.dtype

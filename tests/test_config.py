@@ -105,7 +105,7 @@ def test_unknown_key_names_path_and_nearest_valid_key(tmp_path, dotted, suggesti
 def test_unknown_key_lists_the_valid_keys_of_its_section(tmp_path):
     message, _ = load_error(tmp_path, set_in(base(), "stages.1.rollout.nn", 4))
     valid = ", ".join(RolloutConfig.model_fields)
-    assert valid.startswith("engine, n, max_new_tokens, temperature, top_p, batch_size")
+    assert valid.startswith("engine, n, max_new_tokens, temperature, top_p, ignore_eos, batch_size")
     assert message.endswith(
         f"stages.1.rollout.nn: unknown key; did you mean 'n'? (valid keys here: {valid})"
     )

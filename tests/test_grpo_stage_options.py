@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.algorithms import grpo
 from posttrain.config import load_config
-from posttrain.config.schema import GRPOParams, GRPOStage, OptimConfig
+from posttrain.config.schema import GRPOParams, GRPOStage, OptimConfig, PPOStage
 from posttrain.learner import Learner
 from posttrain.loop import LoopParts, run_loop
 from posttrain.pipeline import run_pipeline
@@ -276,6 +276,22 @@ def test_refill_generates_until_the_batch_holds_only_groups_with_signal(tiny, tm
         advantages = prepared.batch.advantages_B.view(4, 4)
         assert bool((advantages.abs().sum(-1) > 0).all())
         assert line["time/generate"] > 0
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_ignore_eos_reaches_the_sampling_params(ignore_eos):
+    from posttrain.stages.grpo import _sampling as grpo_sampling
+    from posttrain.stages.ppo import _sampling as ppo_sampling
+
+    common = {"data": {"source": "builtin://arithmetic"}, "rewards": [{"name": "exact_answer"}]}
+    rollout = {"max_new_tokens": 5, "ignore_eos": ignore_eos}
+    for algo, kind, sampling in (
+        ("grpo", GRPOStage, grpo_sampling),
+        ("ppo", PPOStage, ppo_sampling),
+    ):
+        stage = kind.model_validate({"name": "s", "algo": algo, "rollout": rollout, **common})
+        params = sampling(stage, 0, 3)
+        assert params.ignore_eos is ignore_eos and params.max_new_tokens == 5
 
 
 def test_grpo_stage_with_the_options_on(tmp_path, tiny_path):

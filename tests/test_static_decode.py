@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rollouts import SamplingParams, create_engine
+from rollouts.grouped_attention import attend_grouped, grouped_rows
 from rollouts.static_decode import StaticDecoder, pick, unsupported
 from tests.small_models import SMALL, random_lm
 
@@ -88,6 +89,51 @@ def test_shared_prefill_matches_transformers():
     ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
     rows = torch.tensor([0, 0, 2, 1, 2, 2, 0])
     _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows)
+
+
+@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16})])
+@torch.no_grad()
+def test_grouped_rows_keep_one_prompt_cache(kind, extra):
+    """Rows in equal, contiguous groups per prompt (the HF engine's layout): eager steps keep
+    each prompt's cache once and the rows' own caches hold only new tokens; every step equals
+    the full forward of the expanded batch, left padding included."""
+    model = _random_model(kind, **extra)
+    ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
+    rows = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    session = StaticDecoder(model).start(ids, mask, max_new_tokens=7, rows_B=rows)
+    assert session.cache.prompts is not None
+    assert session.cache.prompts.keys[0].shape[0] == 3
+    assert session.cache.keys[0].shape[:3] == (9, model.config.num_key_value_heads, 7)
+    _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows)
+
+
+def test_grouped_rows():
+    assert grouped_rows(torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    assert grouped_rows(torch.tensor([0, 1, 2]), 3)
+    assert not grouped_rows(torch.tensor([0, 1, 0, 1]), 2)  # not contiguous
+    assert not grouped_rows(torch.tensor([0, 0, 0, 1]), 2)  # unequal groups
+    assert not grouped_rows(torch.tensor([0, 0, 1, 1, 2]), 3)
+
+
+def test_attend_grouped_equals_attention_over_all_keys():
+    """Two query heads per KV head, two rows per prompt, left padding in one prompt: equal to
+    softmax attention over the prompt's keys followed by the row's own."""
+    gen = torch.Generator().manual_seed(0)
+    U, n, K, G, P, S, D = 2, 2, 2, 2, 5, 3, 8
+    B = U * n
+    q = torch.randn(B, K * G, 1, D, generator=gen)
+    pk, pv = torch.randn(2, U, K, P, D, generator=gen)
+    k, v = torch.randn(2, B, K, S, D, generator=gen)
+    valid = torch.ones(U, P, dtype=torch.bool)
+    valid[1, :2] = False
+    out = attend_grouped(q, pk, pv, valid, k, v, 0.3)
+    rows = torch.arange(U).repeat_interleave(n)
+    keys = torch.cat([pk[rows], k], 2).repeat_interleave(G, 1)
+    values = torch.cat([pv[rows], v], 2).repeat_interleave(G, 1)
+    allowed = torch.cat([valid[rows], torch.ones(B, S, dtype=torch.bool)], 1)[:, None, None]
+    scores = (q @ keys.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
+    expected = torch.softmax(scores, -1) @ values
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()

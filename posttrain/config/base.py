@@ -177,6 +177,9 @@ class RolloutConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    ignore_eos: bool = False
+    """Sample every completion to `max_new_tokens`: end-of-sequence tokens are drawn like any
+    other and stop nothing (benchmarks, fixed-length experiments)."""
     batch_size: int = Field(256, ge=1)
     """Sequences decoded at once (`hf` engine)."""
     static_cache: bool = True

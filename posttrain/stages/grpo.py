@@ -170,4 +170,7 @@ def run_resumable(
 
 def _sampling(stage: IterativeStage, seed: int, iteration: int) -> SamplingParams:
     r = stage.rollout
-    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration)
+    return SamplingParams(
+        r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration,
+        ignore_eos=r.ignore_eos,
+    )  # fmt: skip

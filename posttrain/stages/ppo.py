@@ -125,4 +125,7 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
 
 def _sampling(stage: PPOStage, seed: int, iteration: int) -> SamplingParams:
     r = stage.rollout
-    return SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration)
+    return SamplingParams(
+        r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration,
+        ignore_eos=r.ignore_eos,
+    )  # fmt: skip
