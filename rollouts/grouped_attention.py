@@ -34,24 +34,24 @@ def attend_grouped(
     q_BHTD: Tensor,
     prompt_k_UKPD: Tensor,
     prompt_v_UKPD: Tensor,
-    prompt_valid_UP: Tensor,
+    prompt_valid_UP: Tensor | None,
     k_BKSD: Tensor,
     v_BKSD: Tensor,
     scale: float,
 ) -> Tensor:
     """Attention of one new token per row over its prompt (shared by the `B // U` rows of each
-    prompt, `prompt_valid_UP` False at left padding) and its own keys `k_BKSD` (every slot
-    written). Scores in the model's dtype, softmax statistics in float32. Returns
-    `[B, H, 1, D]`."""
+    prompt; `prompt_valid_UP` False at left padding, None when there is none) and its own keys
+    `k_BKSD` (every slot written). Scores in the model's dtype (the queries scaled first),
+    softmax statistics in float32. Returns `[B, H, 1, D]`."""
     B, H, T, D = q_BHTD.shape
     U, K, P, _ = prompt_k_UKPD.shape
     if T != 1:
         raise ValueError(f"grouped attention takes one query per row, got {T}")
     n, G = B // U, H // K
-    q_BKGD = q_BHTD.reshape(B, K, G, D)
+    q_BKGD = (q_BHTD * scale).reshape(B, K, G, D)
     q_UKMD = q_BKGD.view(U, n, K, G, D).transpose(1, 2).reshape(U, K, n * G, D)
-    prompt_UKM = _part(q_UKMD, prompt_k_UKPD, prompt_v_UKPD, scale, prompt_valid_UP)
-    own_BKG = _part(q_BKGD, k_BKSD, v_BKSD, scale, None)
+    prompt_UKM = _part(q_UKMD, prompt_k_UKPD, prompt_v_UKPD, prompt_valid_UP)
+    own_BKG = _part(q_BKGD, k_BKSD, v_BKSD, None)
 
     def by_row(x_UKM: Tensor) -> Tensor:
         return x_UKM.view(U, K, n, G, -1).transpose(1, 2).reshape(B, K, G, -1)
@@ -64,14 +64,14 @@ def attend_grouped(
 
 
 def _part(
-    q_XKMD: Tensor, k_XKSD: Tensor, v_XKSD: Tensor, scale: float, valid_XS: Tensor | None
+    q_XKMD: Tensor, k_XKSD: Tensor, v_XKSD: Tensor, valid_XS: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unnormalised attention over one part of the keys: the exp-weighted values (float32),
     the scores' maximum and the sum of the exponentials."""
-    scores = (torch.matmul(q_XKMD, k_XKSD.transpose(-1, -2)) * scale).float()
+    scores = torch.matmul(q_XKMD, k_XKSD.transpose(-1, -2)).float()
     if valid_XS is not None:
-        scores = scores.masked_fill(~valid_XS[:, None, None, :], float("-inf"))
+        scores.masked_fill_(~valid_XS[:, None, None, :], float("-inf"))
     top = scores.amax(-1, keepdim=True)
-    weights = torch.exp(scores - top)
+    weights = scores.sub_(top).exp_()  # `scores` is a fresh tensor: overwrite it
     values = torch.matmul(weights.to(v_XKSD.dtype), v_XKSD).float()
     return values, top, weights.sum(-1, keepdim=True)

@@ -72,6 +72,8 @@ class _Cache:
     values: list[Tensor]
     valid_BS: Tensor
     """True where a slot holds a real token (not left padding, not yet written)."""
+    unpadded: bool = False
+    """Every slot holds a real token (prompts without left padding): no mask needed."""
     prompts: _Cache | None = None
     """Eager steps over rows in equal groups per prompt: the distinct prompts' cache, read
     once per group (`rollouts/grouped_attention.py`); the rows' own cache then holds only
@@ -133,7 +135,8 @@ class StaticDecoder:
             if prompts is None:
                 out = _attend(q, keys, values, allowed, attn.scaling)
             else:
-                pk, pv, valid = prompts.keys[i], prompts.values[i], prompts.valid_BS
+                pk, pv = prompts.keys[i], prompts.values[i]
+                valid = None if prompts.unpadded else prompts.valid_BS
                 out = attend_grouped(q, pk, pv, valid, keys, values, attn.scaling)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -201,6 +204,7 @@ class StaticDecoder:
         hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
         if grouped:
             cache.prompts = prefix
+            prefix.unpadded = bool(mask_UP.all())
         elif shared:
             for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
                                   strict=True):  # fmt: skip

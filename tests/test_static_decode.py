@@ -91,17 +91,21 @@ def test_shared_prefill_matches_transformers():
     _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows)
 
 
-@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16})])
+@pytest.mark.parametrize(
+    "kind,extra,lengths",
+    [("qwen2", {}, [6, 2, 4]), ("qwen3", {"head_dim": 16}, [6, 2, 4]), ("qwen2", {}, [4, 4, 4])],
+)
 @torch.no_grad()
-def test_grouped_rows_keep_one_prompt_cache(kind, extra):
+def test_grouped_rows_keep_one_prompt_cache(kind, extra, lengths):
     """Rows in equal, contiguous groups per prompt (the HF engine's layout): eager steps keep
     each prompt's cache once and the rows' own caches hold only new tokens; every step equals
-    the full forward of the expanded batch, left padding included."""
+    the full forward of the expanded batch, with and without left padding."""
     model = _random_model(kind, **extra)
-    ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
+    ids, mask = _left_padded(3, lengths, SMALL["vocab_size"])
     rows = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     session = StaticDecoder(model).start(ids, mask, max_new_tokens=7, rows_B=rows)
     assert session.cache.prompts is not None
+    assert session.cache.prompts.unpadded == (len(set(lengths)) == 1)
     assert session.cache.prompts.keys[0].shape[0] == 3
     assert session.cache.keys[0].shape[:3] == (9, model.config.num_key_value_heads, 7)
     _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows)
@@ -127,6 +131,7 @@ def test_attend_grouped_equals_attention_over_all_keys():
     valid = torch.ones(U, P, dtype=torch.bool)
     valid[1, :2] = False
     out = attend_grouped(q, pk, pv, valid, k, v, 0.3)
+    unmasked = attend_grouped(q, pk, pv, None, k, v, 0.3)
     rows = torch.arange(U).repeat_interleave(n)
     keys = torch.cat([pk[rows], k], 2).repeat_interleave(G, 1)
     values = torch.cat([pv[rows], v], 2).repeat_interleave(G, 1)
@@ -134,6 +139,8 @@ def test_attend_grouped_equals_attention_over_all_keys():
     scores = (q @ keys.transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
     expected = torch.softmax(scores, -1) @ values
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    scores = q @ keys.transpose(-1, -2) * 0.3
+    torch.testing.assert_close(unmasked, torch.softmax(scores, -1) @ values, atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
