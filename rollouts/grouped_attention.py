@@ -12,7 +12,7 @@ so the prompt part is one `[n * G, D] x [D, P]` product per prompt and KV head i
 thin ones. Rows must come in equal, contiguous groups (`grouped_rows`), as the HF engine lays
 out its samples.
 
-Test: `pytest tests/test_static_decode.py -k shared` (logits equal to the transformers forward).
+Test: `pytest tests/test_static_decode.py -k grouped` (logits equal to the transformers forward).
 """
 
 from __future__ import annotations
