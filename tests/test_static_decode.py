@@ -143,14 +143,23 @@ def test_attend_grouped_equals_attention_over_all_keys():
     torch.testing.assert_close(unmasked, torch.softmax(scores, -1) @ values, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("limit", ["PREFILL_TOKENS", "CPU_PREFILL_TOKENS"])
 @torch.no_grad()
-def test_prefill_in_row_chunks(monkeypatch):
-    """Prompts prefilled a few rows at a time give the same cache and logits."""
+def test_prefill_in_row_chunks(monkeypatch, limit):
+    """Prompts prefilled a few rows at a time give the same cache and logits; on CPU the
+    smaller of the two limits sets the chunk."""
     from rollouts import static_decode
 
     model = _random_model("qwen2")
     ids, mask = _left_padded(5, [7, 3, 5, 1, 6], SMALL["vocab_size"])
-    monkeypatch.setattr(static_decode, "PREFILL_TOKENS", 14)  # 2 rows of 7 tokens per chunk
+    monkeypatch.setattr(static_decode, limit, 14)  # 2 rows of 7 tokens per chunk
+    calls = []
+    forward = StaticDecoder._forward
+    monkeypatch.setattr(
+        StaticDecoder, "_forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+    )
+    StaticDecoder(model).start(ids, mask, max_new_tokens=2)
+    assert len(calls) == 3  # rows 0-1, 2-3, 4
     _check_steps(model, ids, mask, steps=3, atol=1e-5)
 
 
