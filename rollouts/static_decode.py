@@ -17,6 +17,7 @@ Test: `pytest tests/test_static_decode.py` (logits equal to the transformers for
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from rollouts.grouped_attention import attend_grouped, grouped_rows
 
@@ -61,7 +61,7 @@ def unsupported(model: nn.Module) -> str | None:
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if body is None or not all(hasattr(body, n) for n in needed) or not hasattr(lm, "lm_head"):
         return "an unexpected module layout"
-    if isinstance(next(lm.parameters(), None), DTensor):
+    if _is_dtensor(next(lm.parameters(), None)):
         # FSDP2 gathers a layer's weights in hooks on the layers and the root forward; the
         # decoder calls the submodules themselves.
         return "parameters sharded by FSDP2"
@@ -335,6 +335,13 @@ def pick(logits_BV: Tensor, uniform_BV: Tensor, temperature: float) -> tuple[Ten
     else:
         token_B = (logp_BV / temperature - torch.log(-torch.log(uniform_BV))).argmax(-1)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
+
+
+def _is_dtensor(x: Any) -> bool:
+    """A DTensor exists only once `torch.distributed.tensor` is imported; importing it here
+    would cost every process about a second and 40 MiB."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _write(cache_BKSD: Tensor, slots: Any, new_BKTD: Tensor) -> None:
