@@ -32,9 +32,10 @@ from rollouts.grouped_attention import attend_grouped, grouped_rows
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
 """Prompt tokens prefilled at once on CUDA."""
-CPU_PREFILL_TOKENS = 4_096
-"""Elsewhere: the prefill's MLP activations sit on top of the preallocated cache (at 256 prompts
-of 64 tokens on the tiny model, 16,384 tokens at once took peak RSS from 609 to 776 MiB)."""
+CPU_PREFILL_TOKENS = 1_024
+"""Elsewhere: the prefill's MLP activations sit on top of the preallocated cache. Tiny model,
+64-token prompts, peak RSS of a process decoding 64 then 256 rows: 515 / 776 MiB with 16,384
+tokens at once, 478 / 555 MiB with 1,024 (transformers `generate`: 504 / 668 MiB)."""
 DECODE_ATTENTION = "matmul"
 """One-token steps: `matmul` (two batched matmuls and a masked softmax, which the compiled
 step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
