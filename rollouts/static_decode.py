@@ -35,7 +35,7 @@ PREFILL_TOKENS = 16_384
 CPU_PREFILL_TOKENS = 1_024
 """Elsewhere: the prefill's MLP activations sit on top of the preallocated cache. Tiny model,
 64-token prompts, peak RSS of a process decoding 64 then 256 rows: 515 / 776 MiB with 16,384
-tokens at once, 478 / 555 MiB with 1,024 (transformers `generate`: 504 / 668 MiB)."""
+tokens at once, 478 / 555 MiB with 1,024 (below transformers `generate`: `bench/RESULTS.md`)."""
 DECODE_ATTENTION = "matmul"
 """One-token steps: `matmul` (two batched matmuls and a masked softmax, which the compiled
 step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
