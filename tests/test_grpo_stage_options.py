@@ -280,14 +280,13 @@ def test_refill_generates_until_the_batch_holds_only_groups_with_signal(tiny, tm
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
 def test_ignore_eos_reaches_the_sampling_params(ignore_eos):
-    from posttrain.stages.grpo import _sampling as grpo_sampling
-    from posttrain.stages.ppo import _sampling as ppo_sampling
+    from posttrain.stages.grpo import sampling_params
 
     common = {"data": {"source": "builtin://arithmetic"}, "rewards": [{"name": "exact_answer"}]}
     rollout = {"max_new_tokens": 5, "ignore_eos": ignore_eos}
     for algo, kind, sampling in (
-        ("grpo", GRPOStage, grpo_sampling),
-        ("ppo", PPOStage, ppo_sampling),
+        ("grpo", GRPOStage, sampling_params),
+        ("ppo", PPOStage, sampling_params),
     ):
         stage = kind.model_validate({"name": "s", "algo": algo, "rollout": rollout, **common})
         params = sampling(stage, 0, 3)

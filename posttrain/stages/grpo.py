@@ -21,7 +21,7 @@ from torch import nn
 
 from posttrain.algorithms import grpo
 from posttrain.compile_layers import compile_layers
-from posttrain.config.schema import GRPOParams, GRPOStage, OnlineDPOStage, RFTStage
+from posttrain.config.schema import GRPOParams, GRPOStage, OnlineDPOStage, PPOStage, RFTStage
 from posttrain.data.load import load_rows
 from posttrain.engines import build_engine
 from posttrain.learner import Learner
@@ -128,7 +128,7 @@ def run_iterative(
         next_prompts=sampler.next,
         engine=engine,
         n=r.n,
-        sampling=partial(_sampling, stage, ctx.seed),
+        sampling=partial(sampling_params, stage, ctx.seed),
         rubric=rubric,
         algorithm=algorithm,
         learner=learner,
@@ -168,7 +168,8 @@ def run_resumable(
         parts.engine.close()
 
 
-def _sampling(stage: IterativeStage, seed: int, iteration: int) -> SamplingParams:
+def sampling_params(stage: IterativeStage | PPOStage, seed: int, iteration: int) -> SamplingParams:
+    """The rollout's sampling for one iteration (every sampling stage, PPO's too)."""
     r = stage.rollout
     return SamplingParams(
         r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration,

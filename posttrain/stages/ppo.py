@@ -33,9 +33,8 @@ from posttrain.models.lora import is_peft
 from posttrain.reward_setup import build_rubric
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
-from posttrain.stages.grpo import run_resumable
+from posttrain.stages.grpo import run_resumable, sampling_params
 from posttrain.sync import probe_bound, probe_logprob_diff
-from rollouts import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         next_prompts=sampler.next,
         engine=engine,
         n=r.n,
-        sampling=partial(_sampling, stage, ctx.seed),
+        sampling=partial(sampling_params, stage, ctx.seed),
         rubric=rubric,
         algorithm=algorithm,
         learner=learner,
@@ -121,11 +120,3 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         max_logprob_diff=probe_bound(r.max_logprob_diff, model),
     )
     return PPORun(parts, critic, sampler)
-
-
-def _sampling(stage: PPOStage, seed: int, iteration: int) -> SamplingParams:
-    r = stage.rollout
-    return SamplingParams(
-        r.max_new_tokens, r.temperature, r.top_p, seed=seed * 100_003 + iteration,
-        ignore_eos=r.ignore_eos,
-    )  # fmt: skip
