@@ -147,6 +147,12 @@ class JudgeServer:
                         status, answer, headers = 404, _error(f"no route {self.path}", 404), {}
                     else:
                         status, answer, headers = server._reply(body)
+                finally:
+                    # Counted out before the reply is written: once the client has read it, it
+                    # may send its next request, and that must not find this one still counted.
+                    with server._lock:
+                        server._in_flight -= 1
+                try:
                     data = json.dumps(answer).encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -157,9 +163,6 @@ class JudgeServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
-                finally:
-                    with server._lock:
-                        server._in_flight -= 1
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # keep test output quiet
