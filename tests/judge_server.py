@@ -6,7 +6,9 @@ gives every pointwise question the same score. A `decide(body) -> dict` function
 policy. It can also fail its first `fail_first` requests with `fail_status`, answer every
 request with `error_status`, sleep `delay` seconds before answering (to run past a client's
 timeout), or send `content` verbatim in place of a verdict. It records every request it got
-(headers and body) and the most requests it had in flight at once.
+(headers and body) and the most requests it had in flight at once. A client that gave up
+before the answer (a timeout) may return before its request is recorded:
+`wait_for_requests(n)` waits until it is.
 
 Use: `with JudgeServer() as server: ... server.url ...` (the url ends in `/v1`).
 """
@@ -75,6 +77,7 @@ class JudgeServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -89,15 +92,20 @@ class JudgeServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until at least `count` requests have been recorded (or `timeout` s passed)."""
+        with self._recorded:
+            self._recorded.wait_for(lambda: len(self.received) >= count, timeout)
+
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)
 
-    def _reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """(status, JSON body, extra headers) for request number len(self.received)."""
-        with self._lock:
-            number = len(self.received)
+    def _reply(
+        self, body: dict[str, Any], number: int
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, JSON body, extra headers) for request `number` (1 for the first one)."""
         if number <= self.fail_first:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return self.fail_status, _error(self.error_message, self.fail_status), headers
@@ -138,6 +146,10 @@ class JudgeServer:
                 body = json.loads(raw or b"{}")
                 with server._lock:
                     server.received.append(Received(dict(self.headers.items()), body))
+                    # Numbered on arrival: read later, len(received) would count requests
+                    # that came in meanwhile (fail_first would then spare a concurrent one).
+                    number = len(server.received)
+                    server._recorded.notify_all()
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
                 try:
@@ -146,7 +158,7 @@ class JudgeServer:
                     if self.path != "/v1/chat/completions":
                         status, answer, headers = 404, _error(f"no route {self.path}", 404), {}
                     else:
-                        status, answer, headers = server._reply(body)
+                        status, answer, headers = server._reply(body, number)
                 finally:
                     # Counted out before the reply is written: once the client has read it, it
                     # may send its next request, and that must not find this one still counted.

@@ -282,6 +282,9 @@ def test_a_slow_judge_times_out_after_the_retries():
         judge = PointwiseJudge(endpoint(server, timeout=0.2, retries=1))
         with pytest.raises(JudgeError, match=r"2 attempt\(s\) failed.*within timeout=0.2 s"):
             judge.score(["q"], ["c"])
+        # The client gave up on each attempt without an answer, so the server may not have
+        # read the second request yet (it records a request once it has read its body).
+        server.wait_for_requests(2)
         assert len(server.received) == 2
 
 

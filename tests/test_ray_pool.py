@@ -5,6 +5,7 @@ runs a GRPO stage (`rollout.workers: 2`). One Ray session serves the whole modul
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -45,6 +46,28 @@ def pool(ray_session, tiny_path):
     )
     yield engine
     engine.close()
+
+
+def _kill(actor) -> None:
+    """`ray.kill(actor)`, returning once the actor is dead for this driver.
+
+    `ray.kill` only asks the GCS to kill the actor: a call sent right after it can still reach
+    the old process and succeed (a short call sometimes does on a loaded machine), and the pool
+    would then see no death. Once a call fails with `ActorDiedError`, every later call does.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    ray.kill(actor)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=30)
+        except ActorDiedError:
+            return
+        except ActorUnavailableError:
+            pass
+        time.sleep(0.05)
+    pytest.fail("a killed actor still answered after 60 s")
 
 
 def _trainer_logprobs(model, sequences, pad_id):
@@ -112,7 +135,7 @@ def test_a_killed_actor_is_replaced_with_the_latest_weights(pool, tiny, capfd):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     pool.load_weights(model, version=2)
-    ray.kill(pool.actors[1])
+    _kill(pool.actors[1])
     groups = pool.generate(PROMPTS, 2, SamplingParams(max_new_tokens=4, seed=5))
     assert [g.prompt for g in groups] == PROMPTS
     assert all(len(g.samples) == 2 and g.samples[0].policy_version == 2 for g in groups)
@@ -123,7 +146,7 @@ def test_a_killed_actor_is_replaced_with_the_latest_weights(pool, tiny, capfd):
     # The limit (restarts=1) is reached: the next death is an error that says so.
     from rollouts.ray_pool import PoolError
 
-    ray.kill(pool.actors[0])
+    _kill(pool.actors[0])
     with pytest.raises(PoolError, match="rollout.worker_restarts=1"):
         pool.logprobs(seqs)
 
