@@ -16,6 +16,8 @@ content. Lengths in tokens come from `completion_ids`, which trainers pass as TR
 
 The rewards are small frozen dataclasses (picklable, and their repr shows the options).
 
+The length and repetition rules live in `rewards/length_rules.py` and are re-exported here.
+
 Test: `pytest tests/test_rewards_rules.py`.
 """
 
@@ -26,9 +28,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rewards.length_rules import length_band, repetition_penalty, soft_overlong
+from rewards.rule_options import bad, is_string_list, require_bool
 from rewards.text import completion_text
 
-UNITS = ("tokens", "chars", "words")
+__all__ = [
+    "format_regex",
+    "required_tags",
+    "keywords",
+    "length_band",
+    "soft_overlong",
+    "repetition_penalty",
+]
+
 REGEX_FLAGS = {
     "a": re.ASCII,
     "i": re.IGNORECASE,
@@ -50,12 +62,12 @@ def format_regex(*, pattern: str, flags: str = "", full_match: bool = True) -> F
     matches newline, `x` verbose, `a` ASCII. `full_match=False` searches anywhere instead.
     """
     if not isinstance(pattern, str) or not pattern:
-        raise _bad("format_regex", "pattern", "a non-empty regular expression string", pattern)
+        raise bad("format_regex", "pattern", "a non-empty regular expression string", pattern)
     if not (isinstance(flags, str) and set(flags) <= set(REGEX_FLAGS)):
-        raise _bad(
+        raise bad(
             "format_regex", "flags", f"a string of the letters {''.join(REGEX_FLAGS)!r}", flags
         )
-    _require_bool("format_regex", "full_match", full_match)
+    require_bool("format_regex", "full_match", full_match)
     value = 0
     for letter in flags:
         value |= REGEX_FLAGS[letter]
@@ -94,22 +106,22 @@ def required_tags(
     </answer>` shape). Score 1.0 when all checks pass, else 0.0, or with `partial` the fraction
     of checks passed.
     """
-    if not (_is_string_list(tags) and len(tags) > 0 and all(TAG_NAME.fullmatch(t) for t in tags)):
-        raise _bad(
+    if not (is_string_list(tags) and len(tags) > 0 and all(TAG_NAME.fullmatch(t) for t in tags)):
+        raise bad(
             "required_tags",
             "tags",
             "a non-empty list of tag names such as ['think', 'answer']",
             tags,
         )
     if len(set(tags)) != len(tags):
-        raise _bad("required_tags", "tags", "distinct tag names", tags)
+        raise bad("required_tags", "tags", "distinct tag names", tags)
     for name, value in [
         ("in_order", in_order),
         ("exactly_once", exactly_once),
         ("allow_text_outside", allow_text_outside),
         ("partial", partial),
     ]:
-        _require_bool("required_tags", name, value)
+        require_bool("required_tags", name, value)
     return RequiredTags(tuple(tags), in_order, exactly_once, allow_text_outside, partial)
 
 
@@ -161,174 +173,6 @@ def _block(text: str, tag: str) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Length
-
-
-def length_band(
-    *,
-    min_length: int | None = None,
-    max_length: int | None = None,
-    unit: str = "tokens",
-    slack: int = 0,
-) -> LengthBand:
-    """1.0 when `min_length <= length <= max_length`; outside, 1 - distance / slack, floored at 0.
-
-    `slack=0` gives 0.0 anywhere outside the band. Either bound may be left out (open band).
-    `unit` is `tokens` (the length of `completion_ids`), `chars` or `words` (whitespace split).
-    """
-    if unit not in UNITS:
-        raise _bad("length_band", "unit", f"one of {list(UNITS)}", unit)
-    if min_length is None and max_length is None:
-        raise _bad("length_band", "min_length/max_length", "at least one of the two bounds", None)
-    for name, value in [("min_length", min_length), ("max_length", max_length)]:
-        if value is not None:
-            _require_int("length_band", name, value, minimum=0)
-    _require_int("length_band", "slack", slack, minimum=0)
-    if min_length is not None and max_length is not None and min_length > max_length:
-        raise ValueError(
-            f"length_band: option 'min_length' ({min_length}) must not exceed 'max_length' "
-            f"({max_length})"
-        )
-    return LengthBand(min_length, max_length, unit, slack)
-
-
-@dataclass(frozen=True)
-class LengthBand:
-    min_length: int | None
-    max_length: int | None
-    unit: str
-    slack: int
-    __name__ = "length_band"
-
-    def __call__(
-        self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any
-    ) -> list[float]:
-        return [
-            self.score(n) for n in _lengths(completions, completion_ids, self.unit, "length_band")
-        ]
-
-    def score(self, length: int) -> float:
-        below = self.min_length - length if self.min_length is not None else 0
-        above = length - self.max_length if self.max_length is not None else 0
-        distance = max(below, above, 0)
-        if distance == 0:
-            return 1.0
-        return max(0.0, 1.0 - distance / self.slack) if self.slack else 0.0
-
-
-def soft_overlong(*, max_completion_len: int, cache_len: int) -> SoftOverlong:
-    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", Eq. 13), lengths in tokens.
-
-    With L = len(completion_ids), L_max = `max_completion_len`, L_cache = `cache_len`:
-    0 when L <= L_max - L_cache; (L_max - L_cache - L) / L_cache when L_max - L_cache < L <=
-    L_max (a linear ramp from 0 down to -1); -1 when L > L_max. `cache_len=0` is a hard cutoff.
-    The same function as TRL's `get_soft_overlong_punishment(max_completion_len,
-    soft_punish_cache)`. Use it with a generation limit above `max_completion_len` for the -1
-    branch to ever apply.
-    """
-    _require_int("soft_overlong", "max_completion_len", max_completion_len, minimum=1)
-    _require_int("soft_overlong", "cache_len", cache_len, minimum=0)
-    if cache_len > max_completion_len:
-        raise ValueError(
-            f"soft_overlong: option 'cache_len' ({cache_len}) must not exceed "
-            f"'max_completion_len' ({max_completion_len})"
-        )
-    return SoftOverlong(max_completion_len, cache_len)
-
-
-@dataclass(frozen=True)
-class SoftOverlong:
-    max_completion_len: int
-    cache_len: int
-    __name__ = "soft_overlong"
-
-    def __call__(
-        self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any
-    ) -> list[float]:
-        return [
-            self.score(n) for n in _lengths(completions, completion_ids, "tokens", "soft_overlong")
-        ]
-
-    def score(self, length: int) -> float:
-        expected = self.max_completion_len - self.cache_len
-        if length <= expected:
-            return 0.0
-        if length <= self.max_completion_len:
-            return (expected - length) / self.cache_len
-        return -1.0
-
-
-def _lengths(completions: list, completion_ids: list | None, unit: str, reward: str) -> list[int]:
-    if unit == "chars":
-        return [len(completion_text(c)) for c in completions]
-    if unit == "words":
-        return [len(completion_text(c).split()) for c in completions]
-    return [len(ids) for ids in _token_ids(completions, completion_ids, reward)]
-
-
-def _token_ids(completions: list, completion_ids: list | None, reward: str) -> list:
-    if completion_ids is None:
-        raise ValueError(
-            f"{reward}: lengths in tokens need `completion_ids` (the token ids of each "
-            "completion, which the trainer passes); pass completion_ids=... when calling it "
-            "directly, or count in 'chars' or 'words' where the reward has a `unit` option"
-        )
-    if len(completion_ids) != len(completions):
-        raise ValueError(
-            f"{reward}: got {len(completion_ids)} completion_ids for {len(completions)} completions"
-        )
-    return completion_ids
-
-
-# ---------------------------------------------------------------------------------------------
-# Repetition
-
-
-def repetition_penalty(
-    *, ngram: int = 3, max_penalty: float = -1.0, unit: str = "words"
-) -> RepetitionPenalty:
-    """(1 - unique n-grams / total n-grams) * `max_penalty`: 0 for no repeats, towards
-    `max_penalty` for a completion that loops (Yeo et al. 2025, "Demystifying Long
-    Chain-of-Thought Reasoning in LLMs", appendix C.2).
-
-    `unit="words"` counts n-grams of lower-cased whitespace-separated words (as open-r1's
-    `get_repetition_penalty_reward`); `unit="tokens"` counts n-grams of `completion_ids` (as
-    TRL's). A completion with fewer than `ngram` units scores 0.
-    """
-    _require_int("repetition_penalty", "ngram", ngram, minimum=1)
-    if not (_is_number(max_penalty) and max_penalty <= 0):
-        raise _bad("repetition_penalty", "max_penalty", "a number <= 0 (a penalty)", max_penalty)
-    if unit not in ("words", "tokens"):
-        raise _bad("repetition_penalty", "unit", "'words' or 'tokens'", unit)
-    return RepetitionPenalty(ngram, float(max_penalty), unit)
-
-
-@dataclass(frozen=True)
-class RepetitionPenalty:
-    ngram: int
-    max_penalty: float
-    unit: str
-    __name__ = "repetition_penalty"
-
-    def __call__(
-        self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs: Any
-    ) -> list[float]:
-        if self.unit == "tokens":
-            units = [list(ids) for ids in _token_ids(completions, completion_ids, self.__name__)]
-        else:
-            units = [completion_text(c).lower().split() for c in completions]
-        return [self.score(u) for u in units]
-
-    def score(self, units: Sequence) -> float:
-        total = len(units) - self.ngram + 1
-        if total <= 0:
-            return 0.0
-        unique = len({tuple(units[i : i + self.ngram]) for i in range(total)})
-        repeated = 1.0 - unique / total
-        return repeated * self.max_penalty if repeated else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
 # Keywords
 
 
@@ -347,14 +191,14 @@ def keywords(
     only ("cat" does not match "category").
     """
     for name, value in [("required", required), ("forbidden", forbidden)]:
-        if not (_is_string_list(value) and all(value)):
-            raise _bad("keywords", name, "a list of non-empty strings", value)
+        if not (is_string_list(value) and all(value)):
+            raise bad("keywords", name, "a list of non-empty strings", value)
     if not required and not forbidden:
-        raise _bad("keywords", "required/forbidden", "at least one keyword", None)
-    _require_bool("keywords", "case_sensitive", case_sensitive)
-    _require_bool("keywords", "whole_words", whole_words)
+        raise bad("keywords", "required/forbidden", "at least one keyword", None)
+    require_bool("keywords", "case_sensitive", case_sensitive)
+    require_bool("keywords", "whole_words", whole_words)
     if mode not in ("fraction", "all"):
-        raise _bad("keywords", "mode", "'fraction' or 'all'", mode)
+        raise bad("keywords", "mode", "'fraction' or 'all'", mode)
     flags = 0 if case_sensitive else re.IGNORECASE
 
     def compile_all(words: Sequence[str]) -> tuple[re.Pattern, ...]:
@@ -380,30 +224,3 @@ class Keywords:
         if self.all_or_nothing:
             return 1.0 if all(good) else 0.0
         return sum(good) / len(good)
-
-
-# ---------------------------------------------------------------------------------------------
-# Option checks
-
-
-def _bad(reward: str, option: str, expected: str, got: Any) -> ValueError:
-    return ValueError(f"{reward}: option {option!r} must be {expected}, got {got!r}")
-
-
-def _require_bool(reward: str, option: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise _bad(reward, option, "true or false", value)
-
-
-def _require_int(reward: str, option: str, value: Any, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise _bad(reward, option, f"an integer >= {minimum}", value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_string_list(value: Any) -> bool:
-    """A list or tuple of strings (a bare string is refused: it would be read letter by letter)."""
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
