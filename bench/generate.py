@@ -4,11 +4,13 @@ TRL's GRPOTrainer without vLLM samples with `model.generate(input_ids, attention
 generation_config=GenerationConfig(do_sample=True, temperature, top_p, top_k=0, min_p=None,
 repetition_penalty=1.0, cache_implementation=None, disable_compile=True, ...))` on the whole
 batch at once; that is the baseline. Ours is `rollouts.hf.HFEngine.decode` (static KV cache,
-CUDA-graph step on GPU, compiled on GPU, the draw inside the step), with three ablations:
-`posttrain-no-compile` (static cache and CUDA graph, no `torch.compile`), `posttrain-sdpa-decode`
-(one-token steps through `scaled_dot_product_attention` with a mask instead of the matmul
-attention, `rollouts.static_decode.DECODE_ATTENTION`) and `posttrain-dynamic-cache`
-(`static_cache=False`: transformers' dynamic cache in our loop). Every row is forced to the full length (TRL side:
+CUDA-graph step on GPU, compiled on GPU, the draw inside the step), with four variants:
+`posttrain-fused` (`fuse_weights=True`: q/k/v and gate/up as one matmul each, on weight copies
+made per call), `posttrain-no-compile` (static cache and CUDA graph, no `torch.compile`),
+`posttrain-sdpa-decode` (one-token steps through `scaled_dot_product_attention` with a mask
+instead of the matmul attention, `rollouts.static_decode.DECODE_ATTENTION`) and
+`posttrain-dynamic-cache` (`static_cache=False`: transformers' dynamic cache in our loop).
+Every row is forced to the full length (TRL side:
 `min_new_tokens = max_new_tokens`; ours: `ignore_eos`), prompts are random token ids of one
 length, temperature 1. Each system runs in its own subprocess (peak memory is its own).
 
@@ -36,6 +38,7 @@ from bench import common  # noqa: E402
 
 SYSTEMS = (
     "posttrain",
+    "posttrain-fused",
     "posttrain-no-compile",
     "posttrain-sdpa-decode",
     "posttrain-dynamic-cache",
@@ -135,6 +138,7 @@ def _runner(system, model, tokenizer, ids, new_tokens, device):
         batch_size=ids.shape[0],
         static_cache=system != "posttrain-dynamic-cache",
         compile=False if system == "posttrain-no-compile" else None,
+        fuse_weights=system == "posttrain-fused",
     )
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True)
     generator = torch.Generator(device).manual_seed(0)

@@ -46,6 +46,7 @@ def build_engine(
             batch_size=cfg.batch_size,
             static_cache=cfg.static_cache,
             compile=cfg.compile,
+            fuse_weights=cfg.fuse_weights,
         )
     shared = {
         "dtype": dtype if cfg.dtype == "auto" else cfg.dtype,
@@ -94,6 +95,7 @@ def _build_pool(
         batch_size=cfg.batch_size,
         static_cache=cfg.static_cache,
         compile=cfg.compile,
+        fuse_weights=cfg.fuse_weights,
         vllm=VLLMOptions(
             dtype=engine_dtype,
             max_model_len=cfg.max_model_len,

@@ -41,9 +41,11 @@ class HFEngine:
         batch_size: int = 256,
         static_cache: bool = True,
         compile: bool | None = None,
+        fuse_weights: bool = False,
     ) -> None:
         """`static_cache`: decode through `StaticDecoder` when the model allows it. `compile`:
-        `torch.compile` its decode step; None = on CUDA only (compiling pays off there)."""
+        `torch.compile` its decode step; None = on CUDA only (compiling pays off there).
+        `fuse_weights`: the decoder's fused q/k/v and gate/up matmuls."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -56,6 +58,7 @@ class HFEngine:
         )
         self.static_cache = static_cache and unsupported(model) is None
         self.compile = compile
+        self.fuse_weights = fuse_weights
         self._decoder: StaticDecoder | None = None
 
     def load_weights(self, source: Any, version: int) -> None:
@@ -182,7 +185,9 @@ class HFEngine:
         """One decoder per engine, so a compiled step is reused across calls."""
         if self._decoder is None:
             compile = device.type == "cuda" if self.compile is None else self.compile
-            self._decoder = StaticDecoder(self.model, compile=compile)
+            self._decoder = StaticDecoder(
+                self.model, compile=compile, fuse_weights=self.fuse_weights
+            )
         return self._decoder
 
     def _transformers_steps(

@@ -60,6 +60,8 @@ class PoolOptions:
     """`hf` actors: static-cache decoding (see `HFEngine`)."""
     compile: bool | None = None
     """`hf` actors: compile the decode step; None = on CUDA only."""
+    fuse_weights: bool = False
+    """`hf` actors: fused q/k/v and gate/up matmuls in decode steps (`HFEngine`)."""
     vllm: VLLMOptions | None = None
     """`vllm` actors: engine settings."""
 
@@ -93,6 +95,7 @@ class EngineWorker:
                 batch_size=options.batch_size,
                 static_cache=options.static_cache,
                 compile=options.compile,
+                fuse_weights=options.fuse_weights,
             )
         else:
             from rollouts.vllm_engine import VLLMEngine

@@ -3,11 +3,13 @@ expands the KV heads, and (on CUDA) the one-token step replayed as a CUDA graph.
 
 The decoder runs the model's own submodules (embedding, norms, the q/k/v/o projections, LoRA-
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
-weights: nothing is copied and nothing needs syncing. Only the attention is its own: the
+weights: nothing needs syncing. Only the attention is its own: the
 queries of the heads that share a KV head are laid side by side, so each KV head is read once
 (`_attend`). Samples of one prompt share its prefill; eager steps (CPU) also keep its keys and
 values once and read them once per group (`rollouts/grouped_attention.py`). The cache lives
-only for one `generate` call, so the memory goes back to the trainer between rollouts.
+only for one `generate` call, so the memory goes back to the trainer between rollouts. With
+`fuse_weights`, each step runs q/k/v and gate/up as one matmul each, on weight copies made
+for the call (`rollouts/fused_weights.py`).
 
 Supported: model types in `SUPPORTED` with full attention in every layer; `unsupported(model)`
 says why another model falls back to the plain transformers loop.
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rollouts.fused_weights import FusedLayer, fuse_layers, mlp_forward, project_qkv
 from rollouts.grouped_attention import attend_grouped, grouped_rows
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -82,15 +85,22 @@ class _Cache:
     """Eager steps over rows in equal groups per prompt: the distinct prompts' cache, read
     once per group (`rollouts/grouped_attention.py`); the rows' own cache then holds only
     generated tokens."""
+    fused: list[FusedLayer] | None = None
+    """Per layer, q/k/v and gate/up weights side by side for the decode steps."""
 
 
 class StaticDecoder:
     """Prefill a left-padded batch into a static cache, then decode one token per call."""
 
-    def __init__(self, model: nn.Module, cuda_graphs: bool = True, compile: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, cuda_graphs: bool = True, compile: bool = False,
+        fuse_weights: bool = False,
+    ) -> None:  # fmt: skip
         """`cuda_graphs`: replay the decode step as a CUDA graph (CUDA only). `compile`: run
         the decode step through `torch.compile` first (fuses the small kernels of a step; the
-        first call of each batch shape compiles)."""
+        first call of each batch shape compiles). `fuse_weights`: decode steps run q/k/v and
+        gate/up as one matmul each, on weight copies made per session
+        (`rollouts/fused_weights.py`)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"static decoding cannot run this model: {reason}")
@@ -101,6 +111,7 @@ class StaticDecoder:
         self.head_dim = self.body.layers[0].self_attn.head_dim
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
+        self.fuse_weights = fuse_weights
         self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
         self.decode_sample = (
             torch.compile(self._step_sample, dynamic=False) if compile else self._step_sample
@@ -123,14 +134,12 @@ class StaticDecoder:
         prompts = cache.prompts
         allowed = None if prompts else _allowed(cache.valid_BS, slots, T)[..., :visible]
         for i, layer in enumerate(self.body.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, -1, self.head_dim)
-            k = attn.k_proj(x).view(B, T, -1, self.head_dim)
-            v = attn.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            attn, fused = layer.self_attn, cache.fused[i] if cache.fused else None
+            qkv = project_qkv(attn, fused, layer.input_layernorm(h))
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv)
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             _write(cache.keys[i], slots, k)
@@ -143,7 +152,7 @@ class StaticDecoder:
                 valid = None if prompts.unpadded else prompts.valid_BS
                 out = attend_grouped(q, pk, pv, valid, keys, values, attn.scaling)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + mlp_forward(layer.mlp, fused, layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
 
     def logits(self, hidden_BH: Tensor) -> Tensor:
@@ -220,6 +229,8 @@ class StaticDecoder:
         if shared:
             hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
         first_slot = 0 if grouped else P
+        if self.fuse_weights:
+            cache.fused = fuse_layers(self.body.layers)  # after the prefill's activations went
         return DecodeSession(self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph)
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:

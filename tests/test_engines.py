@@ -27,9 +27,13 @@ def test_hf_engine_shares_the_policy(tiny, tiny_path):
     )
     assert engine.name == "hf" and engine.model is model and engine.batch_size == 7
     assert engine.static_cache and engine.compile is None  # compiled on CUDA only
+    assert engine.fuse_weights is False
     plain = RolloutConfig(engine="hf", static_cache=False, compile=False)
     engine = build_engine(plain, model, tokenizer, tiny_path, "float32", 0)
     assert not engine.static_cache and engine.compile is False
+    fused = RolloutConfig(engine="hf", fuse_weights=True)
+    engine = build_engine(fused, model, tokenizer, tiny_path, "float32", 0)
+    assert engine.fuse_weights is True
 
 
 def test_follower_engine_stands_in_off_rank_0(tiny):

@@ -41,13 +41,15 @@ def _reference_logits(model, ids, mask):
 
 
 def _check_steps(
-    model, ids, mask, steps: int, atol: float, compile: bool = False, rows=None
+    model, ids, mask, steps: int, atol: float, compile: bool = False, rows=None, fuse=False
 ) -> float:
     """Prefill + `steps` decode steps, each compared with a full forward; the worst gap.
-    `rows`: the decoder prefills each prompt once for the rows that decode it."""
+    `rows`: the decoder prefills each prompt once for the rows that decode it. `fuse`: the
+    decoder's `fuse_weights`."""
     gen = torch.Generator().manual_seed(2)
-    decoder = StaticDecoder(model, compile=compile)
+    decoder = StaticDecoder(model, compile=compile, fuse_weights=fuse)
     session = decoder.start(ids, mask, max_new_tokens=steps + 1, rows_B=rows)
+    assert (session.cache.fused is not None) == fuse
     if rows is not None:
         ids, mask = ids[rows], mask[rows]
     logits, worst = session.first_logits, 0.0
@@ -163,6 +165,44 @@ def test_prefill_in_row_chunks(monkeypatch, limit):
     _check_steps(model, ids, mask, steps=3, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kind,extra,rows",
+    [
+        ("qwen2", {}, None),  # q/k/v with biases
+        ("llama", {}, None),
+        ("qwen3", {"head_dim": 16}, None),
+        ("qwen2", {}, [0, 0, 2, 1, 2, 2, 0]),  # shared prefill
+        ("qwen2", {}, [0, 0, 1, 1, 2, 2]),  # grouped rows (eager steps)
+    ],
+)
+@torch.no_grad()
+def test_fused_weights_steps_match_transformers(kind, extra, rows):
+    """Decode steps with q/k/v and gate/up each as one matmul: every step equals the full
+    forward."""
+    model = _random_model(kind, **extra)
+    ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
+    rows = None if rows is None else torch.tensor(rows)
+    _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows, fuse=True)
+
+
+@torch.no_grad()
+def test_fused_weights_skip_lora_wrapped_projections():
+    """A LoRA on q and v leaves q/k/v unfused (the adapter still applies) and gate/up fused."""
+    from peft import LoraConfig, get_peft_model
+
+    from rollouts.fused_weights import fuse_layers
+
+    model = _random_model("qwen2")
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    fused = fuse_layers(peft_model.get_base_model().model.layers)
+    assert all(f.qkv_weight is None and f.gate_up_weight is not None for f in fused)
+    mlp = peft_model.get_base_model().model.layers[0].mlp
+    assert fused[0].gate_up_weight.shape == (2 * mlp.intermediate_size, mlp.hidden_size)
+    ids, mask = _left_padded(3, [4, 6, 2], SMALL["vocab_size"])
+    _check_steps(peft_model, ids, mask, steps=3, atol=1e-5, fuse=True)
+
+
 @torch.no_grad()
 def test_lora_adapter_is_applied():
     from peft import LoraConfig, get_peft_model
@@ -197,11 +237,12 @@ def test_unsupported_models_fall_back_to_transformers_cache(tiny):
     assert all(1 <= len(s.completion_ids) <= 3 for s in groups[0].samples)
 
 
-def test_engine_greedy_identical_with_and_without_static_cache(tiny):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_engine_greedy_identical_with_and_without_static_cache(tiny, fuse):
     model, tokenizer = tiny
     prompts = ["12+34=", "7+8=", "99+99=", "5+5="]
     greedy = SamplingParams(max_new_tokens=10, temperature=0)
-    fast = create_engine("hf", model=model, tokenizer=tokenizer, batch_size=3)
+    fast = create_engine("hf", model=model, tokenizer=tokenizer, batch_size=3, fuse_weights=fuse)
     plain = create_engine("hf", model=model, tokenizer=tokenizer, batch_size=3, static_cache=False)
     assert fast.static_cache and not plain.static_cache
     a = [s for g in fast.generate(prompts, 2, greedy) for s in g.samples]
@@ -223,22 +264,25 @@ def test_ignore_eos_runs_to_the_limit(tiny):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
-def test_static_decode_cuda_bf16(compile):
-    """On GPU: the CUDA-graph step in bf16 (compiled or not) stays within bf16 rounding of
-    transformers."""
+def test_static_decode_cuda_bf16(compile, fuse):
+    """On GPU: the CUDA-graph step in bf16 (compiled or not, fused weights or not) stays within
+    bf16 rounding of transformers."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = _random_model("qwen2").to("cuda", torch.bfloat16)
     ids, mask = _left_padded(8, [7, 3, 5, 1, 8, 8, 2, 6], SMALL["vocab_size"], device="cuda")
-    worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile)
-    print(f"compile={compile}: largest bf16 logit gap {worst:.4f}")
+    worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile, fuse=fuse)
+    print(f"compile={compile}, fuse={fuse}: largest bf16 logit gap {worst:.4f}")
     rows = torch.tensor([0, 0, 3, 1, 3, 7, 7, 7], device="cuda")  # shared prefill
-    worst = _check_steps(model, ids, mask, steps=8, atol=0.05, compile=compile, rows=rows)
-    print(f"compile={compile}, shared prefill: largest bf16 logit gap {worst:.4f}")
+    worst = _check_steps(
+        model, ids, mask, steps=8, atol=0.05, compile=compile, rows=rows, fuse=fuse
+    )
+    print(f"compile={compile}, fuse={fuse}, shared prefill: largest bf16 logit gap {worst:.4f}")
     # The draw inside the graph: greedy tokens equal the argmax of the logits path.
-    decoder = StaticDecoder(model, compile=compile)
+    decoder = StaticDecoder(model, compile=compile, fuse_weights=fuse)
     plain, fused = decoder.start(ids, mask, 9), decoder.start(ids, mask, 9)
     token = fused_token = plain.first_logits.argmax(-1)
     for _ in range(8):

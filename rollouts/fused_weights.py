@@ -1,0 +1,79 @@
+"""Decode steps with the projections that read the same input fused into one matmul: q, k and v
+of each attention, gate and up of each MLP.
+
+At a few hundred rows, a decode step's matmuls are bound by how many kernels run, not by the
+weights they read (on an H200 at batch 256, each of a 0.5B model's 9 matmuls per layer took
+4-10 us where its weights stream in about 1 us; `bench/RESULTS.md`, B2). Fusing them needs the
+weights side by side, which the model does not keep: `fuse_layers` concatenates copies for one
+generate call, after the prefill (whose activations are gone by then), and the session drops
+them when it ends; the trainer's weights change between calls, so they are never reused.
+
+Only plain `nn.Linear` modules are fused; LoRA-wrapped or otherwise replaced projections keep
+their own forward (a LoRA on q and v leaves the MLP fused).
+
+Test: `pytest tests/test_static_decode.py -k fused` (logits equal to the unfused steps').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class FusedLayer:
+    qkv_weight: Tensor | None
+    """`[q + k + v outputs, hidden]`, or None when q/k/v are not all plain linears."""
+    qkv_bias: Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up_weight: Tensor | None
+    """`[2 * intermediate, hidden]` (gate rows first), or None."""
+    gate_up_bias: Tensor | None
+
+
+def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
+    """Concatenated copies of each layer's q/k/v and gate/up weights (and biases)."""
+    fused = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv_w, qkv_b = _concat([attn.q_proj, attn.k_proj, attn.v_proj])
+        sizes = tuple(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        gate_up = [mlp.gate_proj, mlp.up_proj] if _standard_mlp(mlp) else []
+        gate_up_w, gate_up_b = _concat(gate_up)
+        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b))  # type: ignore[arg-type]
+    return fused
+
+
+def project_qkv(attn: nn.Module, fused: FusedLayer | None, x: Tensor) -> tuple[Tensor, ...]:
+    """`(q_proj(x), k_proj(x), v_proj(x))`, in one matmul when `fused` has them."""
+    if fused is None or fused.qkv_weight is None:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    qkv = nn.functional.linear(x, fused.qkv_weight, fused.qkv_bias)
+    return qkv.split(fused.qkv_sizes, dim=-1)
+
+
+def mlp_forward(mlp: nn.Module, fused: FusedLayer | None, x: Tensor) -> Tensor:
+    """`mlp(x)` (`down(act(gate(x)) * up(x))`), gate and up in one matmul when fused."""
+    if fused is None or fused.gate_up_weight is None:
+        return mlp(x)
+    gate, up = nn.functional.linear(x, fused.gate_up_weight, fused.gate_up_bias).chunk(2, -1)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _standard_mlp(mlp: nn.Module) -> bool:
+    """transformers' own `down(act(gate(x)) * up(x))` MLP (not a module put in its place)."""
+    kind = type(mlp)
+    return kind.__module__.startswith("transformers.models.") and kind.__name__.endswith("MLP")
+
+
+def _concat(modules: list[nn.Module]) -> tuple[Tensor | None, Tensor | None]:
+    if not modules or any(type(m) is not nn.Linear for m in modules):
+        return None, None
+    biases = [m.bias for m in modules]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None, None
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    return weight, bias
