@@ -2,8 +2,8 @@
 of each attention, gate and up of each MLP.
 
 At a few hundred rows, a decode step's matmuls are bound by how many kernels run, not by the
-weights they read (on an H200 at batch 256, each of a 0.5B model's 9 matmuls per layer took
-4-10 us where its weights stream in about 1 us; `bench/RESULTS.md`, B2). Fusing them needs the
+weights they read (on an H200 at batch 256, each of a 0.5B model's 7 projections per layer took
+4-10 us where its weights stream in 0.1-2 us; `bench/RESULTS.md`, B2). Fusing them needs the
 weights side by side, which the model does not keep: `fuse_layers` concatenates copies for one
 generate call, after the prefill (whose activations are gone by then), and the session drops
 them when it ends; the trainer's weights change between calls, so they are never reused.
