@@ -249,27 +249,21 @@ class DecodeSession:
     step (inside the CUDA graph), for plain temperature sampling and greedy decoding."""
 
     def __init__(
-        self,
-        decoder: StaticDecoder,
-        cache: _Cache,
-        next_pos_B: Tensor,
-        first_slot: int,
-        first_logits: Tensor,
-        use_graph: bool,
-    ) -> None:
+        self, decoder: StaticDecoder, cache: _Cache, next_pos_B: Tensor, first_slot: int,
+        first_logits: Tensor, use_graph: bool,
+    ) -> None:  # fmt: skip
         self.decoder, self.cache = decoder, cache
         self.first_logits = first_logits
-        device = next_pos_B.device
         self._token_B = torch.zeros_like(next_pos_B)
         self._pos_B = next_pos_B.clone()
-        self._slot = torch.tensor([first_slot], device=device)
+        self._slot = torch.tensor([first_slot], device=next_pos_B.device)
         self._next_slot = first_slot
         # Steps that run eagerly attend to the slots written so far; compiled steps and CUDA
         # graphs keep one shape (the whole cache).
         self._fixed_shape = use_graph or decoder.compiled
         self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self._use_graph = use_graph
-        self._uniform_BV: Tensor | None = None
+        self._noise: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
@@ -296,12 +290,16 @@ class DecodeSession:
         return self._advance(tokens_B, ("sample", temperature), run)
 
     def uniform(self, temperature: float, generator: torch.Generator | None) -> Tensor:
-        """The session's noise buffer, refilled from `generator` (not at temperature 0)."""
-        if self._uniform_BV is None:
-            self._uniform_BV = torch.zeros_like(self.first_logits, dtype=torch.float32)
+        """The session's noise buffer, refilled from `generator`; at temperature 0 (argmax,
+        no noise read) a `[B, 1]` stand-in instead of `[B, vocab]`."""
+        B, V = self.first_logits.shape
+        width = 1 if temperature == 0 else V  # one buffer per width: graphs keep its address
+        if width not in self._noise:
+            self._noise[width] = self.first_logits.new_zeros((B, width), dtype=torch.float32)
+        noise = self._noise[width]
         if temperature != 0:
-            self._uniform_BV.uniform_(generator=generator)
-        return self._uniform_BV
+            noise.uniform_(generator=generator)
+        return noise
 
     def _advance(self, tokens_B: Tensor, key: Any, run: Callable[[], Any]) -> Any:
         self._token_B.copy_(tokens_B)

@@ -318,7 +318,8 @@ def test_step_sample_equals_step_then_pick(temperature):
     plain, fused = decoder.start(ids, mask, 6), decoder.start(ids, mask, 6)
     gens = [torch.Generator().manual_seed(5) for _ in range(2)]
     token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
-    fused.uniform(temperature, gens[1])
+    noise = fused.uniform(temperature, gens[1])
+    assert noise.shape == (4, SMALL["vocab_size"] if temperature else 1)  # greedy reads none
     fused_token = token
     for _ in range(5):
         token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
