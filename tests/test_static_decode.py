@@ -328,6 +328,29 @@ def test_step_sample_equals_step_then_pick(temperature):
         torch.testing.assert_close(logp, fused_logp)
 
 
+@torch.no_grad()
+def test_compiled_step_sample_equals_eager_step_then_pick():
+    """The compiled step (the GPU default, here on CPU): greedy with fused weights and the
+    `[B, 1]` noise stand-in, and sampling at temperature 1 unfused, pick what the eager step
+    and `pick` pick, with logprobs within 1e-5."""
+    model = _random_model("qwen2")
+    ids, mask = _left_padded(4, [5, 2, 4, 3], SMALL["vocab_size"])
+    for temperature, fuse in [(0.0, True), (1.0, False)]:
+        plain = StaticDecoder(model).start(ids, mask, 6)
+        compiled = StaticDecoder(model, compile=True, fuse_weights=fuse).start(ids, mask, 6)
+        gens = [torch.Generator().manual_seed(3) for _ in range(2)]
+        token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
+        compiled.uniform(temperature, gens[1])
+        compiled_token = token
+        for _ in range(5):
+            token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
+            compiled_token, compiled_logp = compiled.step_sample(
+                compiled_token, temperature, gens[1]
+            )
+            assert torch.equal(token, compiled_token), temperature
+            torch.testing.assert_close(logp, compiled_logp, atol=1e-5, rtol=0)
+
+
 def test_fsdp2_sharded_parameters_fall_back_to_transformers():
     """FSDP2 gathers weights in hooks on the layers and the root forward, which the static
     decoder bypasses: a model whose parameters are DTensors is unsupported (the HF engine then
