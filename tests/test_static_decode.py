@@ -291,6 +291,19 @@ def test_static_decode_cuda_bf16(compile, fuse):
         assert torch.equal(token, fused_token)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_pick_in_row_chunks_equals_pick(temperature):
+    """The first token's eager draw, a few rows at a time: the same tokens and logprobs."""
+    from rollouts.hf import pick_in_row_chunks
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn((70, 50), generator=gen)
+    uniform = torch.rand((70, 50 if temperature else 1), generator=gen)
+    tokens, logps = pick(logits, uniform, temperature)
+    chunked_tokens, chunked_logps = pick_in_row_chunks(logits, uniform, temperature, rows=32)
+    assert torch.equal(tokens, chunked_tokens) and torch.equal(logps, chunked_logps)
+
+
 def test_pick_draws_from_the_tempered_softmax():
     """Gumbel-max: token frequencies over 200k draws match softmax(logits / T) (within 5
     standard errors); the logprob returned is the untempered one; T = 0 is argmax."""
