@@ -27,7 +27,7 @@ class FusedLayer:
     qkv_weight: Tensor | None
     """`[q + k + v outputs, hidden]`, or None when q/k/v are not all plain linears."""
     qkv_bias: Tensor | None
-    qkv_sizes: tuple[int, int, int]
+    qkv_sizes: tuple[int, ...]
     gate_up_weight: Tensor | None
     """`[2 * intermediate, hidden]` (gate rows first), or None."""
     gate_up_bias: Tensor | None
@@ -42,7 +42,7 @@ def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
         sizes = tuple(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
         gate_up = [mlp.gate_proj, mlp.up_proj] if _standard_mlp(mlp) else []
         gate_up_w, gate_up_b = _concat(gate_up)
-        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b))  # type: ignore[arg-type]
+        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b))
     return fused
 
 
@@ -72,7 +72,7 @@ def _concat(modules: list[nn.Module]) -> tuple[Tensor | None, Tensor | None]:
     if not modules or any(type(m) is not nn.Linear for m in modules):
         return None, None
     biases = [m.bias for m in modules]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
+    if len({b is None for b in biases}) > 1:  # some with a bias, some without
         return None, None
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])

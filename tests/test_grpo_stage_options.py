@@ -284,12 +284,9 @@ def test_ignore_eos_reaches_the_sampling_params(ignore_eos):
 
     common = {"data": {"source": "builtin://arithmetic"}, "rewards": [{"name": "exact_answer"}]}
     rollout = {"max_new_tokens": 5, "ignore_eos": ignore_eos}
-    for algo, kind, sampling in (
-        ("grpo", GRPOStage, sampling_params),
-        ("ppo", PPOStage, sampling_params),
-    ):
+    for algo, kind in (("grpo", GRPOStage), ("ppo", PPOStage)):
         stage = kind.model_validate({"name": "s", "algo": algo, "rollout": rollout, **common})
-        params = sampling(stage, 0, 3)
+        params = sampling_params(stage, 0, 3)
         assert params.ignore_eos is ignore_eos and params.max_new_tokens == 5
 
 

@@ -329,16 +329,25 @@ def test_step_sample_equals_step_then_pick(temperature):
     ids, mask = _left_padded(4, [5, 2, 4, 3], SMALL["vocab_size"])
     decoder = StaticDecoder(model)
     plain, fused = decoder.start(ids, mask, 6), decoder.start(ids, mask, 6)
-    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
-    token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
-    noise = fused.uniform(temperature, gens[1])
+    steps, noise = _step_then_pick_beside_step_sample(plain, fused, temperature, seed=5)
     assert noise.shape == (4, SMALL["vocab_size"] if temperature else 1)  # greedy reads none
-    fused_token = token
-    for _ in range(5):
-        token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
-        fused_token, fused_logp = fused.step_sample(fused_token, temperature, gens[1])
+    for token, logp, fused_token, fused_logp in steps:
         assert torch.equal(token, fused_token)
         torch.testing.assert_close(logp, fused_logp)
+
+
+def _step_then_pick_beside_step_sample(plain, other, temperature: float, seed: int):
+    """Five steps of `plain.step` + `pick` and of `other.step_sample` on equally seeded noise:
+    per step (token, logp, other's token, other's logp), and `other`'s noise buffer."""
+    gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
+    token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
+    noise = other.uniform(temperature, gens[1])
+    other_token, steps = token, []
+    for _ in range(5):
+        token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
+        other_token, other_logp = other.step_sample(other_token, temperature, gens[1])
+        steps.append((token, logp, other_token, other_logp))
+    return steps, noise
 
 
 @torch.no_grad()
@@ -351,15 +360,8 @@ def test_compiled_step_sample_equals_eager_step_then_pick():
     for temperature, fuse in [(0.0, True), (1.0, False)]:
         plain = StaticDecoder(model).start(ids, mask, 6)
         compiled = StaticDecoder(model, compile=True, fuse_weights=fuse).start(ids, mask, 6)
-        gens = [torch.Generator().manual_seed(3) for _ in range(2)]
-        token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
-        compiled.uniform(temperature, gens[1])
-        compiled_token = token
-        for _ in range(5):
-            token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
-            compiled_token, compiled_logp = compiled.step_sample(
-                compiled_token, temperature, gens[1]
-            )
+        steps, _ = _step_then_pick_beside_step_sample(plain, compiled, temperature, seed=3)
+        for token, logp, compiled_token, compiled_logp in steps:
             assert torch.equal(token, compiled_token), temperature
             torch.testing.assert_close(logp, compiled_logp, atol=1e-5, rtol=0)
 
