@@ -10,8 +10,8 @@ that reads grouped KV heads once, the step replayed as a CUDA graph on GPU); oth
 `static_cache=False`, use transformers' own cache. Sampling runs on the model's device, by
 inverse CDF (`inverse_cdf`: one uniform number per row); on CUDA with the static decoder,
 temperature sampling with `top_p = 1` and greedy decoding draw inside the compiled step
-(`static_decode.pick`, the Gumbel-max trick: the same distribution, other draws for the same
-seed). Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
+(`rollouts/draw.py`, the Gumbel-max trick: the same distribution, other draws for the same
+seed; a Triton kernel that makes its own noise, where Triton is installed). Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
 
 Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rollouts.static_decode import StaticDecoder, pick, unsupported
+from rollouts.static_decode import StaticDecoder, unsupported
 from rollouts.types import Group, Sample, SamplingParams
 
 
@@ -156,8 +156,8 @@ class HFEngine:
         else:
             logits, step = self._transformers_steps(input_ids[rows_B], mask[rows_B])
         if static and device.type == "cuda" and sampling.top_p == 1.0:
-            # The draw runs inside the compiled step and its CUDA graph (`pick`).
-            token, logp = pick_in_row_chunks(logits, session.uniform(T, generator), T)
+            # The draw runs inside the compiled step and its CUDA graph (`rollouts.draw`).
+            token, logp = session.first_draw(T, generator)
             advance = partial(session.step_sample, temperature=T, generator=generator)
         else:
             token, logp = _choose(logits, sampling, generator)
@@ -269,15 +269,3 @@ def inverse_cdf(probs_BV: Tensor, generator: torch.Generator) -> Tensor:
     # exceeds the draw: the last token of nonzero probability at the latest.
     draw_B1 = torch.minimum(u_B1 * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
     return torch.searchsorted(cdf_BV, draw_B1, right=True).squeeze(-1)
-
-
-def pick_in_row_chunks(
-    logits_BV: Tensor, uniform_BV: Tensor, temperature: float, rows: int = 32
-) -> tuple[Tensor, Tensor]:
-    """`pick` run eagerly `rows` rows at a time, with the same result (every row is drawn on
-    its own): its float32 temporaries are `[rows, vocab]`, not `[B, vocab]`. For the first token,
-    drawn outside the compiled step: at batch 256 with a 151,936-token vocabulary, 116 MiB of
-    temporaries instead of 597 (peak RSS of the two on CPU)."""
-    chunks = zip(logits_BV.split(rows), uniform_BV.split(rows), strict=True)
-    parts = [pick(lg, u, temperature) for lg, u in chunks]
-    return torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])

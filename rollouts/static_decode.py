@@ -20,15 +20,16 @@ Test: `pytest tests/test_static_decode.py` (logits equal to the transformers for
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rollouts import decode_kernels
+from rollouts.decode_session import DecodeSession
+from rollouts.draw import draw, pick
 from rollouts.fused_weights import FusedLayer, fuse_layers, mlp_forward, project_qkv
 from rollouts.grouped_attention import attend_grouped, grouped_rows
 
@@ -40,9 +41,14 @@ CPU_PREFILL_TOKENS = 1_024
 64-token prompts, peak RSS of a process decoding 64 then 256 rows: 515 / 776 MiB with 16,384
 tokens at once, 478 / 555 MiB with 1,024 (below transformers `generate`: `bench/RESULTS.md`)."""
 DECODE_ATTENTION = "matmul"
-"""One-token steps: `matmul` (two batched matmuls and a masked softmax, which the compiled
-step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
+"""One-token steps in torch code: `matmul` (two batched matmuls and a masked softmax, which the
+compiled step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
 `bench/RESULTS.md` for the measurement behind the choice."""
+KERNELS = True
+"""On CUDA (with Triton), fixed-shape steps attend and draw with `rollouts/decode_kernels.py`
+instead of torch code."""
+
+__all__ = ["DecodeSession", "StaticDecoder", "causal_lm", "pick", "unsupported"]
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -97,10 +103,10 @@ class StaticDecoder:
         fuse_weights: bool = False,
     ) -> None:  # fmt: skip
         """`cuda_graphs`: replay the decode step as a CUDA graph (CUDA only). `compile`: run
-        the decode step through `torch.compile` first (fuses the small kernels of a step; the
-        first call of each batch shape compiles). `fuse_weights`: decode steps run q/k/v and
-        gate/up as one matmul each, on weight copies made per session
-        (`rollouts/fused_weights.py`)."""
+        the decode step (and, on CUDA, the prefill) through `torch.compile` first (fuses the
+        small kernels of a step; the first call of each batch shape compiles). `fuse_weights`:
+        decode steps run q/k/v and gate/up as one matmul each, on weight copies made per
+        session (`rollouts/fused_weights.py`)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"static decoding cannot run this model: {reason}")
@@ -109,9 +115,13 @@ class StaticDecoder:
         cfg = self.lm.config
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = self.body.layers[0].self_attn.head_dim
+        self.group = cfg.num_attention_heads // self.kv_heads
         self.cuda_graphs = cuda_graphs
         self.compiled = compile
         self.fuse_weights = fuse_weights
+        # The prefill compiled too, on CUDA only (B2 on an H200: 102 -> 56 ms for 256 prompts
+        # of 128 tokens; on CPU the compilation would outweigh it).
+        self.prefill = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
         self.decode_sample = (
             torch.compile(self._step_sample, dynamic=False) if compile else self._step_sample
@@ -132,7 +142,14 @@ class StaticDecoder:
         cos, sin = cos[:, None], sin[:, None]
         B, T = ids_BT.shape
         prompts = cache.prompts
-        allowed = None if prompts else _allowed(cache.valid_BS, slots, T)[..., :visible]
+        kernel = (
+            T == 1 and prompts is None and not isinstance(slots, slice) and KERNELS
+            and decode_kernels.available(ids_BT.device)
+            and decode_kernels.attention_supported(self.head_dim, self.group)
+        )  # fmt: skip
+        if kernel:  # the kernel reads the cache up to the step's slot, marked valid here
+            cache.valid_BS.index_fill_(1, slots, True)
+        allowed = None if prompts or kernel else _allowed(cache.valid_BS, slots, T)[..., :visible]
         for i, layer in enumerate(self.body.layers):
             attn, fused = layer.self_attn, cache.fused[i] if cache.fused else None
             qkv = project_qkv(attn, fused, layer.input_layernorm(h))
@@ -145,7 +162,11 @@ class StaticDecoder:
             _write(cache.keys[i], slots, k)
             _write(cache.values[i], slots, v)
             keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
-            if prompts is None:
+            if kernel:
+                out = decode_kernels.decode_attention(
+                    q, keys, values, cache.valid_BS, slots, attn.scaling
+                )
+            elif prompts is None:
                 out = _attend(q, keys, values, allowed, attn.scaling)
             else:
                 pk, pv = prompts.keys[i], prompts.values[i]
@@ -171,11 +192,12 @@ class StaticDecoder:
         return self.logits(self._forward(cache, token_B[:, None], pos_B[:, None], slot, visible))
 
     def _step_sample(
-        self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor, uniform_BV: Tensor,
+        self, cache: _Cache, token_B: Tensor, pos_B: Tensor, slot: Tensor, noise: Tensor,
         temperature: float,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """One decode step and the next token drawn from its logits (`pick`)."""
-        return pick(self._step(cache, token_B, pos_B, slot), uniform_BV, temperature)
+        """One decode step and the next token drawn from its logits (`rollouts.draw.draw`:
+        `noise`: uniform numbers, `[B, vocab]` or, for the kernels, `[B]`)."""
+        return draw(self._step(cache, token_B, pos_B, slot), noise, temperature)
 
     # -- a generation session -----------------------------------------------------------------
 
@@ -209,6 +231,7 @@ class StaticDecoder:
         if ids_UP.device.type != "cuda":
             budget = min(budget, CPU_PREFILL_TOKENS)
         step = max(1, budget // P)
+        prefill = self.prefill if ids_UP.device.type == "cuda" else self._forward
         for r in range(0, ids_UP.shape[0], step):
             rows = slice(r, r + step)
             part = _Cache(
@@ -216,7 +239,7 @@ class StaticDecoder:
                 [v[rows] for v in prefix.values],
                 prefix.valid_BS[rows],
             )
-            hidden.append(self._forward(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
+            hidden.append(prefill(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
         hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
         if grouped:
             cache.prompts = prefix
@@ -231,7 +254,10 @@ class StaticDecoder:
         first_slot = 0 if grouped else P
         if self.fuse_weights:
             cache.fused = fuse_layers(self.body.layers)  # after the prefill's activations went
-        return DecodeSession(self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph)
+        kernel_draw = KERNELS and decode_kernels.available(ids_UP.device)
+        return DecodeSession(
+            self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernel_draw
+        )
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:
         dtype = self.body.embed_tokens.weight.dtype
@@ -241,110 +267,6 @@ class StaticDecoder:
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.body.layers],
             valid_BS=torch.zeros((B, S), dtype=torch.bool, device=device),
         )
-
-
-class DecodeSession:
-    """The cache of one batch, stepping one token at a time: `step(tokens_B) -> logits_BV`, or
-    `step_sample(tokens_B, ...) -> (next_tokens_B, their logprobs)` with the draw inside the
-    step (inside the CUDA graph), for plain temperature sampling and greedy decoding."""
-
-    def __init__(
-        self, decoder: StaticDecoder, cache: _Cache, next_pos_B: Tensor, first_slot: int,
-        first_logits: Tensor, use_graph: bool,
-    ) -> None:  # fmt: skip
-        self.decoder, self.cache = decoder, cache
-        self.first_logits = first_logits
-        self._token_B = torch.zeros_like(next_pos_B)
-        self._pos_B = next_pos_B.clone()
-        self._slot = torch.tensor([first_slot], device=next_pos_B.device)
-        self._next_slot = first_slot
-        # Steps that run eagerly attend to the slots written so far; compiled steps and CUDA
-        # graphs keep one shape (the whole cache).
-        self._fixed_shape = use_graph or decoder.compiled
-        self._graphs: dict[Any, tuple[torch.cuda.CUDAGraph, Any]] = {}
-        self._use_graph = use_graph
-        self._noise: dict[int, Tensor] = {}
-
-    @torch.no_grad()
-    def step(self, tokens_B: Tensor) -> Tensor:
-        """Feed the tokens just sampled; returns the logits for the next ones."""
-        if self._fixed_shape:
-            run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
-                          self._slot)  # fmt: skip
-        else:  # the slot as a slice: a plain strided write, and attention up to it
-            slot = self._next_slot
-            self.cache.valid_BS[:, slot] = True
-            run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
-                          slice(slot, slot + 1), slot + 1)  # fmt: skip
-        return self._advance(tokens_B, "logits", run)
-
-    @torch.no_grad()
-    def step_sample(
-        self, tokens_B: Tensor, temperature: float, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor]:
-        """Feed the tokens just sampled; returns the next tokens and their logprobs (`pick`).
-        The uniform noise is drawn from `generator` before the step, outside the graph."""
-        uniform = self.uniform(temperature, generator)
-        run = partial(self.decoder.decode_sample, self.cache, self._token_B, self._pos_B,
-                      self._slot, uniform, temperature)  # fmt: skip
-        return self._advance(tokens_B, ("sample", temperature), run)
-
-    def uniform(self, temperature: float, generator: torch.Generator | None) -> Tensor:
-        """The session's noise buffer, refilled from `generator`; at temperature 0 (argmax,
-        no noise read) a `[B, 1]` stand-in instead of `[B, vocab]`."""
-        B, V = self.first_logits.shape
-        width = 1 if temperature == 0 else V  # one buffer per width: graphs keep its address
-        if width not in self._noise:
-            self._noise[width] = self.first_logits.new_zeros((B, width), dtype=torch.float32)
-        noise = self._noise[width]
-        if temperature != 0:
-            noise.uniform_(generator=generator)
-        return noise
-
-    def _advance(self, tokens_B: Tensor, key: Any, run: Callable[[], Any]) -> Any:
-        self._token_B.copy_(tokens_B)
-        if not self._use_graph:
-            out = run()
-        else:
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(run)
-            graph, out = self._graphs[key]
-            graph.replay()
-        self._pos_B += 1
-        self._slot += 1
-        self._next_slot += 1
-        return out
-
-    def _capture(self, run: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-        """Record one step as a CUDA graph. The warm-up step on a side stream writes the same
-        slot that the first replay writes again, so the cache stays right."""
-        cache_state = self.cache.valid_BS.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.cache.valid_BS.copy_(cache_state)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
-        self.cache.valid_BS.copy_(cache_state)
-        return graph, out
-
-
-def pick(logits_BV: Tensor, uniform_BV: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """One token per row from `softmax(logits / temperature)` (argmax at temperature 0) and its
-    log-probability under the untempered model (`log_softmax(logits)`), as the sampler in
-    `rollouts/hf.py` returns it. The draw is the Gumbel-max trick: `argmax(logp / T + g)` with
-    `g = -log(-log(u))`, `u` uniform on [0, 1), is an exact sample of the tempered softmax; it
-    takes one pass over the logits with no sort, cumulative sum or search, so it fuses into the
-    compiled decode step."""
-    logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-    if temperature == 0:
-        token_B = logp_BV.argmax(-1)
-    else:
-        token_B = (logp_BV / temperature - torch.log(-torch.log(uniform_BV))).argmax(-1)
-    return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
 
 
 def _is_dtensor(x: Any) -> bool:

@@ -294,7 +294,7 @@ def test_static_decode_cuda_bf16(compile, fuse):
 @pytest.mark.parametrize("temperature", [0.7, 0.0])
 def test_pick_in_row_chunks_equals_pick(temperature):
     """The first token's eager draw, a few rows at a time: the same tokens and logprobs."""
-    from rollouts.hf import pick_in_row_chunks
+    from rollouts.draw import pick_in_row_chunks
 
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn((70, 50), generator=gen)
@@ -340,11 +340,11 @@ def _step_then_pick_beside_step_sample(plain, other, temperature: float, seed: i
     """Five steps of `plain.step` + `pick` and of `other.step_sample` on equally seeded noise:
     per step (token, logp, other's token, other's logp), and `other`'s noise buffer."""
     gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
-    token, _ = pick(plain.first_logits, plain.uniform(temperature, gens[0]), temperature)
-    noise = other.uniform(temperature, gens[1])
+    token, _ = pick(plain.first_logits, plain.noise(temperature, gens[0]), temperature)
+    noise = other.noise(temperature, gens[1])
     other_token, steps = token, []
     for _ in range(5):
-        token, logp = pick(plain.step(token), plain.uniform(temperature, gens[0]), temperature)
+        token, logp = pick(plain.step(token), plain.noise(temperature, gens[0]), temperature)
         other_token, other_logp = other.step_sample(other_token, temperature, gens[1])
         steps.append((token, logp, other_token, other_logp))
     return steps, noise
