@@ -4,7 +4,8 @@ TRL's GRPOTrainer without vLLM samples with `model.generate(input_ids, attention
 generation_config=GenerationConfig(do_sample=True, temperature, top_p, top_k=0, min_p=None,
 repetition_penalty=1.0, cache_implementation=None, disable_compile=True, ...))` on the whole
 batch at once; that is the baseline. Ours is `rollouts.hf.HFEngine.decode` (static KV cache,
-CUDA-graph step on GPU, compiled on GPU, the draw inside the step), with four variants:
+CUDA-graph step on GPU, compiled on GPU, the draw inside the step, Triton attention and draw
+kernels on CUDA), with four variants:
 `posttrain-fused` (`fuse_weights=True`: q/k/v and gate/up as one matmul each, on weight copies
 made per call), `posttrain-no-compile` (static cache and CUDA graph, no `torch.compile`),
 `posttrain-sdpa-decode` (one-token steps through `scaled_dot_product_attention` with a mask
