@@ -43,7 +43,8 @@ class DecodeSession:
 
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
-        """Feed the tokens just sampled; returns the logits for the next ones."""
+        """Feed the tokens just sampled; returns the logits for the next ones (with CUDA graphs,
+        a buffer the next step overwrites: use or copy it before then)."""
         if self._fixed_shape:
             run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
                           self._slot)  # fmt: skip
@@ -69,12 +70,14 @@ class DecodeSession:
     def step_sample(
         self, tokens_B: Tensor, temperature: float, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Feed the tokens just sampled; returns the next tokens and their logprobs (`draw`).
-        The noise is drawn from `generator` before the step, outside the graph."""
+        """Feed the tokens just sampled; returns the next tokens and their logprobs (`draw`),
+        the caller's to keep. The noise is drawn from `generator` before the step, outside the
+        graph."""
         noise = self.noise(temperature, generator)
         run = partial(self.decoder.decode_sample, self.cache, self._token_B, self._pos_B,
                       self._slot, noise, temperature)  # fmt: skip
-        return self._advance(tokens_B, ("sample", temperature), run)
+        token_B, logp_B = self._advance(tokens_B, ("sample", temperature), run)
+        return token_B.clone(), logp_B.clone()  # a graph's outputs change at its next replay
 
     def noise(self, temperature: float, generator: torch.Generator | None) -> Tensor:
         """The session's uniform noise for one draw, redrawn from `generator`: `[B]` for the

@@ -169,14 +169,16 @@ class HFEngine:
         tokens_BT, logps_BT = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(sampling.max_new_tokens):
-            token = torch.where(done, self.pad_id, token)
+            if stop_ids:  # without stop tokens (ignore_eos) no row finishes early: no checks
+                token = torch.where(done, self.pad_id, token)
             tokens_BT.append(token)
             logps_BT.append(logp)
-            if len(stop_ids):
-                done = done | torch.isin(token, stop)
-            last = t == sampling.max_new_tokens - 1
-            if last or ((t + 1) % check_every == 0 and bool(done.all())):
+            if t == sampling.max_new_tokens - 1:
                 break
+            if stop_ids:
+                done = done | torch.isin(token, stop)
+                if (t + 1) % check_every == 0 and bool(done.all()):
+                    break
             token, logp = advance(token)
         tokens, logps = torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
         return _finish(tokens, logps, stop_ids)

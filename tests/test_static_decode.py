@@ -264,6 +264,24 @@ def test_ignore_eos_runs_to_the_limit(tiny):
 
 
 @pytest.mark.gpu
+def test_engine_logprobs_on_cuda_are_each_steps_own(tiny):
+    """On CUDA the draw runs inside a CUDA graph whose outputs its next replay overwrites:
+    every sampled token's logprob still equals the engine's recomputed logprob of that token,
+    step by step (float32 model)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokenizer = tiny
+    engine = create_engine("hf", model=model.to("cuda"), tokenizer=tokenizer, batch_size=8)
+    sampling = SamplingParams(max_new_tokens=12, seed=0, ignore_eos=True)
+    samples = [s for g in engine.generate(["12+34=", "7+8="], 4, sampling) for s in g.samples]
+    recomputed = engine.logprobs([s.prompt_ids + s.completion_ids for s in samples])
+    for sample, full in zip(samples, recomputed, strict=True):
+        want = torch.tensor(full[len(sample.prompt_ids) :])
+        torch.testing.assert_close(torch.tensor(sample.logprobs), want, atol=1e-3, rtol=0)
+    assert len({tuple(s.logprobs) for s in samples}) > 1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
