@@ -9,9 +9,10 @@ Llama-family models decode through `rollouts/static_decode.py` (a static KV cach
 that reads grouped KV heads once, the step replayed as a CUDA graph on GPU); other models, or
 `static_cache=False`, use transformers' own cache. Sampling runs on the model's device, by
 inverse CDF (`inverse_cdf`: one uniform number per row); on CUDA with the static decoder,
-temperature sampling with `top_p = 1` and greedy decoding draw inside the compiled step
-(`rollouts/draw.py`, the Gumbel-max trick: the same distribution, other draws for the same
-seed; a Triton kernel that makes its own noise, where Triton is installed). Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
+temperature sampling with `top_p = 1` and greedy decoding draw inside the compiled step: with
+Triton, by the kernels' inverse CDF over vocabulary chunks (one uniform number per row,
+`rollouts/decode_kernels.py`); else by the Gumbel-max trick (`rollouts/draw.py`). The same
+distribution as `_choose`, other draws for the same seed. Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
 
 Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 """

@@ -3,9 +3,9 @@ expands the KV heads, and (on CUDA) the one-token step replayed as a CUDA graph.
 
 The decoder runs the model's own submodules (embedding, norms, the q/k/v/o projections, LoRA-
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
-weights: nothing needs syncing. Only the attention is its own: the
-queries of the heads that share a KV head are laid side by side, so each KV head is read once
-(`_attend`). Samples of one prompt share its prefill; eager steps (CPU) also keep its keys and
+weights: nothing needs syncing. Only the attention is its own: the queries of the heads that
+share a KV head are laid side by side, so each KV head is read once (`_attend` in torch code;
+on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samples of one prompt share its prefill; eager steps (CPU) also keep its keys and
 values once and read them once per group (`rollouts/grouped_attention.py`). The cache lives
 only for one `generate` call, so the memory goes back to the trainer between rollouts. With
 `fuse_weights`, each step runs q/k/v and gate/up as one matmul each, on weight copies made
@@ -45,8 +45,9 @@ DECODE_ATTENTION = "matmul"
 compiled step fuses) or `sdpa` (`scaled_dot_product_attention` with a boolean mask); see
 `bench/RESULTS.md` for the measurement behind the choice."""
 KERNELS = True
-"""On CUDA (with Triton), fixed-shape steps attend and draw with `rollouts/decode_kernels.py`
-instead of torch code."""
+"""On CUDA with Triton and a 16-bit model, fixed-shape steps (CUDA graphs, compiled steps)
+attend with `rollouts/decode_kernels.py`, and every draw inside the decoder (the first token's
+too) uses its kernels; False keeps torch code everywhere."""
 
 __all__ = ["DecodeSession", "StaticDecoder", "causal_lm", "pick", "unsupported"]
 
@@ -145,6 +146,7 @@ class StaticDecoder:
         kernel = (
             T == 1 and prompts is None and not isinstance(slots, slice) and KERNELS
             and decode_kernels.available(ids_BT.device)
+            and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32
             and decode_kernels.attention_supported(self.head_dim, self.group)
         )  # fmt: skip
         if kernel:  # the kernel reads the cache up to the step's slot, marked valid here
