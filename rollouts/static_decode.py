@@ -213,6 +213,7 @@ class StaticDecoder:
         shared = rows_B is not None
         B, P = (rows_B.shape[0] if shared else ids_UP.shape[0]), ids_UP.shape[1]
         use_graph = self.cuda_graphs and ids_UP.device.type == "cuda"
+        kernels = KERNELS and decode_kernels.load(ids_UP.device)  # imported here, not traced
         # Eager steps keep a prompt's cache once for its rows (compiled steps and CUDA graphs
         # keep the one-cache layout they were built for).
         grouped = (
@@ -256,9 +257,8 @@ class StaticDecoder:
         first_slot = 0 if grouped else P
         if self.fuse_weights:
             cache.fused = fuse_layers(self.body.layers)  # after the prefill's activations went
-        kernel_draw = KERNELS and decode_kernels.available(ids_UP.device)
         return DecodeSession(
-            self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernel_draw
+            self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernels
         )
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:

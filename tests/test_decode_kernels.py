@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 def _needs_cuda_and_triton():
     from rollouts import decode_kernels
 
-    if not torch.cuda.is_available() or not decode_kernels.available(torch.device("cuda")):
+    if not torch.cuda.is_available() or not decode_kernels.load(torch.device("cuda")):
         pytest.skip("needs CUDA and Triton")
 
 
