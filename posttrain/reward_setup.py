@@ -9,6 +9,10 @@ from posttrain.config.schema import RewardErrorPolicy, RewardSpec
 from rewards import RewardTerm, Rubric, resolve_reward
 
 NOT_PASSED = ("prompt", "completion")  # as TRL: these columns are not reward keywords
+LEARNED_REWARDS = ("judge_score", "reward_model")
+"""Built-in rewards that a model computes: a policy can learn to please them instead of
+solving the task (`docs/results.md`: an ungated reward model's score rose while held-out
+accuracy fell from 15.7% to 2.3%)."""
 
 
 def reward_columns(rows: list[dict]) -> dict[str, list]:
@@ -59,6 +63,24 @@ def build_rubric(
         on_error=policy.on_error,
         max_error_rate=policy.max_error_rate,
     )
+
+
+def ungated_learned_rewards(specs: list[RewardSpec]) -> list[str]:
+    """Warnings for learned rewards (`LEARNED_REWARDS`) trained on (weight != 0) without a
+    gate beside other trained rewards, which could gate them. A learned reward alone is plain
+    RLHF (the KL penalty is its guard) and gets none."""
+    others = [s.label or short_name(s.name) for s in specs
+              if s.name not in LEARNED_REWARDS and s.weight != 0]  # fmt: skip
+    if not others:
+        return []
+    return [
+        f"reward {spec.label or short_name(spec.name)!r} is a learned score ({spec.name}) "
+        f"trained on without a gate (weight {spec.weight}) beside {others}: a policy can learn "
+        f"to please it instead of solving the task. Gate it on a verifier (e.g. `gate: "
+        f"{others[0]}`) or log it with weight 0 (docs/rewards.md, 'Combining rewards')"
+        for spec in specs
+        if spec.name in LEARNED_REWARDS and spec.weight != 0 and spec.gate is None
+    ]
 
 
 def short_name(name: str) -> str:

@@ -470,3 +470,33 @@ def test_trl_conversational_reward_scores_chat_samples_through_the_rubric():
         [{"prompt": user}] * 2, ["t"] * 2, ["<think>x</think>4", "4"]
     )
     assert rubric.score(prompts, completions).total == [1.0, 0.0]
+
+
+# -- learned rewards trained on without a gate --------------------------------------------------
+
+
+def test_ungated_learned_reward_beside_a_verifier_is_warned_about():
+    from posttrain.config.schema import RewardSpec
+    from posttrain.reward_setup import ungated_learned_rewards
+
+    specs = [
+        RewardSpec(name="math_answer", label="correct"),
+        RewardSpec(name="reward_model", label="rm", weight=0.5),
+        RewardSpec(name="judge_score", weight=0.2, gate="correct"),  # gated: fine
+        RewardSpec(name="judge_score", label="monitor", weight=0.0),  # logged only: fine
+    ]
+    (warning,) = ungated_learned_rewards(specs)
+    assert "'rm'" in warning and "reward_model" in warning and "weight 0.5" in warning
+    assert "`gate: correct`" in warning
+
+
+def test_learned_reward_alone_or_gated_is_not_warned_about():
+    from posttrain.config.load import load_config
+    from posttrain.config.schema import RewardSpec
+    from posttrain.reward_setup import ungated_learned_rewards
+
+    assert ungated_learned_rewards([RewardSpec(name="reward_model")]) == []  # plain RLHF
+    rm_config = load_config(Path(__file__).parent.parent / "configs" / "rm.yaml")
+    grpo = next(s for s in rm_config.stages if s.name == "grpo")
+    assert [s.name for s in grpo.rewards].count("reward_model") == 2  # gated, and weight 0
+    assert ungated_learned_rewards(grpo.rewards) == []

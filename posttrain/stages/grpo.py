@@ -28,7 +28,7 @@ from posttrain.learner import Learner
 from posttrain.loop import Algorithm, LoopParts, run_loop
 from posttrain.models.load import load_policy, resolve_model_path
 from posttrain.models.lora import is_peft
-from posttrain.reward_setup import build_rubric
+from posttrain.reward_setup import build_rubric, ungated_learned_rewards
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from posttrain.sync import probe_bound, probe_logprob_diff
@@ -113,6 +113,8 @@ def run_iterative(
     algorithm = build(model, tokenizer)  # before any update: a reference copies the input model
     rows = load_rows(stage.data, need=("prompt|messages",))
     rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir, stage.reward_errors)
+    for warning in ungated_learned_rewards(stage.rewards):
+        print(f"[{stage.name}] warning: {warning}")
     evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
     r = stage.rollout
     model_path = resolve_model_path(ctx.input_model, cfg.run.seed)

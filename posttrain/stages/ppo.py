@@ -30,7 +30,7 @@ from posttrain.loop import LoopParts
 from posttrain.models.critic import Critic, build_critic
 from posttrain.models.load import DTYPES, load_policy, resolve_model_path
 from posttrain.models.lora import is_peft
-from posttrain.reward_setup import build_rubric
+from posttrain.reward_setup import build_rubric, ungated_learned_rewards
 from posttrain.sampler import PromptSampler
 from posttrain.stages.context import StageContext, build_evaluator
 from posttrain.stages.grpo import run_resumable, sampling_params
@@ -79,6 +79,8 @@ def build(stage: PPOStage, ctx: StageContext) -> PPORun:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     rows = load_rows(stage.data, need=("prompt|messages",))
     rubric = build_rubric(stage.rewards, list(rows[0]), ctx.config_dir, stage.reward_errors)
+    for warning in ungated_learned_rewards(stage.rewards):
+        print(f"[{stage.name}] warning: {warning}")
     evaluator = build_evaluator(stage.eval, stage.rewards, ctx)
     sampler = PromptSampler(rows, p.prompts_per_iteration, ctx.seed)
     r = stage.rollout
