@@ -17,7 +17,7 @@ most from a kernel of their own:
   step at batch 256 on an H200, about five times this (44.9 us, compiled with its torch
   glue). Greedy decoding (temperature 0) takes the first largest logit, as `argmax` does.
 
-Both run only on CUDA with Triton installed and torch >= 2.6 (`load`, `available`); elsewhere
+Both run only on CUDA with Triton installed and torch >= 2.6 (`load`); elsewhere
 the decoder keeps its torch code (`rollouts/static_decode.py`). The kernels themselves are in
 `rollouts/decode_triton.py`, registered as custom ops, so `torch.compile` keeps them inside
 the compiled step and CUDA graphs capture them.
@@ -52,11 +52,6 @@ def load(device: torch.device) -> bool:
         else:
             _ops = decode_triton
     return _ops is not None
-
-
-def available(device: torch.device) -> bool:
-    """The kernels can run on `device` (`load` succeeded for CUDA)."""
-    return _ops is not None and device.type == "cuda"
 
 
 def attention_supported(head_dim: int, group: int) -> bool:
@@ -105,13 +100,14 @@ def _inverse_cdf(
     running mass exceeds it, at a residual that the scan kernel, in that chunk's own units,
     turns into a token."""
     scale_BC = torch.exp((maxes_BC - top_B1) / temperature)
-    cum_BC = (tempered_BC * scale_BC).cumsum(-1)
+    mass_BC = tempered_BC * scale_BC
+    cum_BC = mass_BC.cumsum(-1)
     total_B1 = cum_BC[:, -1:]
     draw_B1 = torch.minimum(
         uniform_B[:, None] * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1))
     )
     chunk_B1 = (cum_BC <= draw_B1).sum(-1, keepdim=True).clamp(max=cum_BC.shape[1] - 1)
-    below_B1 = cum_BC.gather(-1, chunk_B1) - (tempered_BC * scale_BC).gather(-1, chunk_B1)
+    below_B1 = cum_BC.gather(-1, chunk_B1) - mass_BC.gather(-1, chunk_B1)
     residual_B = ((draw_B1 - below_B1).clamp(min=0) / scale_BC.gather(-1, chunk_B1)).squeeze(-1)
     chunk_max_B = maxes_BC.gather(-1, chunk_B1).squeeze(-1)
     chunk_B = chunk_B1.squeeze(-1).to(torch.int32)

@@ -12,7 +12,8 @@ inverse CDF (`inverse_cdf`: one uniform number per row); on CUDA with the static
 temperature sampling with `top_p = 1` and greedy decoding draw inside the compiled step: with
 Triton, by the kernels' inverse CDF over vocabulary chunks (one uniform number per row,
 `rollouts/decode_kernels.py`); else by the Gumbel-max trick (`rollouts/draw.py`). The same
-distribution as `_choose`, other draws for the same seed. Samples of one prompt share its prefill (`StaticDecoder.start`'s `rows_B`).
+distribution as `_choose`, other draws for the same seed. Samples of one prompt share its
+prefill (`StaticDecoder.start`'s `rows_B`).
 
 Test: `pytest tests/test_rollouts_hf.py tests/test_static_decode.py`.
 """

@@ -5,8 +5,9 @@ The decoder runs the model's own submodules (embedding, norms, the q/k/v/o proje
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
 weights: nothing needs syncing. Only the attention is its own: the queries of the heads that
 share a KV head are laid side by side, so each KV head is read once (`_attend` in torch code;
-on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samples of one prompt share its prefill; eager steps (CPU) also keep its keys and
-values once and read them once per group (`rollouts/grouped_attention.py`). The cache lives
+on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samples of one
+prompt share its prefill; eager steps (CPU) also keep its keys and values once and read them
+once per group (`rollouts/grouped_attention.py`). The cache lives
 only for one `generate` call, so the memory goes back to the trainer between rollouts. With
 `fuse_weights`, each step runs q/k/v and gate/up as one matmul each, on weight copies made
 for the call (`rollouts/fused_weights.py`).
@@ -94,6 +95,8 @@ class _Cache:
     generated tokens."""
     fused: list[FusedLayer] | None = None
     """Per layer, q/k/v and gate/up weights side by side for the decode steps."""
+    kernel_attention: bool = False
+    """Fixed-shape one-token steps attend with the Triton kernel (`decode_kernels`)."""
 
 
 class StaticDecoder:
@@ -143,12 +146,7 @@ class StaticDecoder:
         cos, sin = cos[:, None], sin[:, None]
         B, T = ids_BT.shape
         prompts = cache.prompts
-        kernel = (
-            T == 1 and prompts is None and not isinstance(slots, slice) and KERNELS
-            and decode_kernels.available(ids_BT.device)
-            and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32
-            and decode_kernels.attention_supported(self.head_dim, self.group)
-        )  # fmt: skip
+        kernel = cache.kernel_attention and T == 1 and not isinstance(slots, slice)
         if kernel:  # the kernel reads the cache up to the step's slot, marked valid here
             cache.valid_BS.index_fill_(1, slots, True)
         allowed = None if prompts or kernel else _allowed(cache.valid_BS, slots, T)[..., :visible]
@@ -257,6 +255,11 @@ class StaticDecoder:
         first_slot = 0 if grouped else P
         if self.fuse_weights:
             cache.fused = fuse_layers(self.body.layers)  # after the prefill's activations went
+        cache.kernel_attention = (
+            kernels and not grouped
+            and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32
+            and decode_kernels.attention_supported(self.head_dim, self.group)
+        )  # fmt: skip
         return DecodeSession(
             self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernels
         )
