@@ -5,10 +5,12 @@ At a few hundred rows a decode step is bound by how many kernels run and how oft
 reads the vocabulary-wide logits, not by arithmetic (`bench/RESULTS.md`, B2). Two places gain
 most from a kernel of their own:
 
-- `decode_attention`: a KV head's grouped queries against the cache, in one pass (an online
-  softmax, as flash attention), reading only the slots written so far: the loop ends at the
-  step's slot, read from the device, so one CUDA graph serves every step. The matmul attention
-  it replaces ran two batched matmuls and a softmax over the whole cache at every step.
+- `decode_attention`: a layer's whole attention step after the q/k/v projections. It rotates
+  the queries and the new key, writes the new key and value into the cache, and attends with
+  a KV head's grouped queries in one pass (an online softmax, as flash attention), reading only
+  the slots written so far: the loop ends at the step's slot, read from the device, so one
+  CUDA graph serves every step. It replaces the rotary and cache-write kernels around it and
+  the matmul attention, which ran two batched matmuls and a softmax over the whole cache.
 - `sample`: the draw by inverse CDF with one uniform number per row. One pass over the logits,
   split into chunks across the GPU, sums each chunk's mass (and the log-sum-exp for the
   token's logprob); the draw picks a chunk from those sums, and a second kernel scans only that
@@ -61,16 +63,26 @@ def attention_supported(head_dim: int, group: int) -> bool:
 
 
 def decode_attention(
-    q_BH1D: Tensor, keys_BKSD: Tensor, values_BKSD: Tensor, valid_BS: Tensor, slot: Tensor,
-    scale: float,
+    q_BHD: Tensor, k_new_BKD: Tensor, v_new_BKD: Tensor, cos_BD: Tensor, sin_BD: Tensor,
+    keys_BKSD: Tensor, values_BKSD: Tensor, valid_BS: Tensor, slot: Tensor, scale: float,
 ) -> Tensor:  # fmt: skip
-    """One query per head against the cache slots `0..slot` that `valid_BS` marks (the current
-    slot, already written, must be marked). Returns `[B, H, 1, D]` in the queries' dtype."""
-    if q_BH1D.stride(-1) != 1 or keys_BKSD.stride(-1) != 1 or values_BKSD.stride(-1) != 1:
+    """One decode step's attention for one layer, from its projections (before the rotary
+    embedding) to the heads' outputs: rotates the queries and the new key
+    (`x * cos + rotate_half(x) * sin`, as transformers' Llama-family models), writes the new
+    key and value at cache slot `slot` (in place), and attends over the earlier slots that
+    `valid_BS` marks and the new one. Returns `[B, H, D]` in the queries' dtype."""
+    D = q_BHD.shape[-1]
+    parts = (q_BHD, k_new_BKD, v_new_BKD, cos_BD, sin_BD, keys_BKSD, values_BKSD)
+    if any(t.stride(-1) != 1 for t in parts):
         raise ValueError("decode_attention needs the head dimension contiguous")
+    if cos_BD.shape[-1] != D or sin_BD.shape != cos_BD.shape or sin_BD.stride() != cos_BD.stride():
+        raise ValueError(f"decode_attention needs cos and sin of one layout, {D} wide (no "
+                         f"partial rotary); got {tuple(cos_BD.shape)}, {tuple(sin_BD.shape)}")  # fmt: skip
     if valid_BS.stride(-1) != 1:
         raise ValueError("decode_attention needs each row of valid_BS contiguous")
-    return _ops._decode_attention(q_BH1D, keys_BKSD, values_BKSD, valid_BS, slot, scale)
+    return _ops._decode_attention(
+        q_BHD, k_new_BKD, v_new_BKD, cos_BD, sin_BD, keys_BKSD, values_BKSD, valid_BS, slot, scale
+    )
 
 
 def sample(logits_BV: Tensor, uniform_B: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

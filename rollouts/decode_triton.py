@@ -18,33 +18,56 @@ SAMPLE_CHUNK = 4096
 SAMPLE_BLOCK = 1024
 ATTENTION_BLOCK = 64
 """Cache slots per iteration of the attention loop."""
+ATTENTION_LAUNCH: dict[str, int] = {}
+"""Extra launch options of the attention kernel (`num_warps`, `num_stages`); Triton's defaults
+when empty."""
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr,
-    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, s_valid_b, so_b, so_h,
+    q_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, out_ptr,
+    sq_b, sq_h, skn_b, skn_h, svn_b, svn_h, s_rot_b, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+    s_valid_b, so_b, so_h,
     scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Rotate the step's query heads and its new key (`x * cos + rotate_half(x) * sin`), write
+    the new key and value at the step's slot, and attend over the earlier valid slots and the
+    new one."""
     b = tl.program_id(0).to(tl.int64)  # row offsets can pass 2**31 elements
     kh = tl.program_id(1)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     heads = kh * G + g
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                mask=g[:, None] < G, other=0.0)  # fmt: skip
-    n = tl.load(slot_ptr) + 1  # slots 0..current are written
-    m_i = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked block adds nothing
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
-    for start in range(0, n, BLOCK):
+    in_group = g[:, None] < G
+    # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] after
+    swapped = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * s_rot_b + d).to(tl.float32)
+    sin = tl.load(sin_ptr + b * s_rot_b + d).to(tl.float32) * sign
+    q_row = q_ptr + b * sq_b + heads[:, None] * sq_h
+    q = tl.load(q_row + d[None, :], mask=in_group, other=0.0)
+    q_swapped = tl.load(q_row + swapped[None, :], mask=in_group, other=0.0)
+    q = (q.to(tl.float32) * cos[None, :] + q_swapped.to(tl.float32) * sin[None, :]).to(q.dtype)
+    k_row = kn_ptr + b * skn_b + kh * skn_h
+    k_new = tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + swapped).to(tl.float32) * sin
+    k_new = k_new.to(k_ptr.dtype.element_ty)
+    v_new = tl.load(vn_ptr + b * svn_b + kh * svn_h + d).to(v_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr)
+    tl.store(k_ptr + b * sk_b + kh * sk_h + slot * sk_s + d, k_new)
+    tl.store(v_ptr + b * sv_b + kh * sv_h + slot * sv_s + d, v_new)
+    # The new slot first, from registers: it is always attended (a row sees its own token).
+    m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+    m_i = m_i.to(tl.float32)  # torch.compile may pass the scale as fp64
+    l_i = tl.full([GP], 1.0, tl.float32)
+    acc = tl.zeros([GP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+    for start in range(0, slot, BLOCK):
         s = start + tl.arange(0, BLOCK)
-        inside = s < n
+        inside = s < slot
         valid = tl.load(valid_ptr + b * s_valid_b + s, mask=inside, other=0) != 0
         k = tl.load(k_ptr + b * sk_b + kh * sk_h + s[None, :] * sk_s + d[:, None],
                     mask=inside[None, :], other=0.0)  # fmt: skip
-        scores = (tl.dot(q, k) * scale).to(tl.float32)  # torch.compile may pass fp64
+        scores = (tl.dot(q, k) * scale).to(tl.float32)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
@@ -56,7 +79,7 @@ def _attention_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)  # fmt: skip
+             out.to(out_ptr.dtype.element_ty), mask=in_group)  # fmt: skip
 
 
 @triton.jit
@@ -126,20 +149,23 @@ def _scan_kernel(
     tl.store(token_ptr + b, tl.where(found < none, found, last))
 
 
-@triton_op("posttrain::decode_attention", mutates_args=())
+@triton_op("posttrain::decode_attention", mutates_args=("keys", "values"))
 def _decode_attention(
-    q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, slot: Tensor, scale: float
-) -> Tensor:
-    B, H, _, D = q.shape
+    q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
+    values: Tensor, valid: Tensor, slot: Tensor, scale: float,
+) -> Tensor:  # fmt: skip
+    B, H, D = q.shape
     K = keys.shape[1]
     G = H // K
-    out = q.new_empty((B, H, 1, D))
+    out = q.new_empty((B, H, D))
     wrap_triton(_attention_kernel)[(B, K)](
-        q, keys, values, valid, slot, out,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        q, k_new, v_new, cos, sin, keys, values, valid, slot, out,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0),
+        v_new.stride(1), cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0),
         out.stride(0), out.stride(1), scale,
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=ATTENTION_BLOCK,
+        **ATTENTION_LAUNCH,
     )  # fmt: skip
     return out
 

@@ -142,12 +142,11 @@ class StaticDecoder:
         for compiled steps and CUDA graphs). Returns the last position's hidden state after
         the final norm, `[B, hidden]`."""
         h = self.body.embed_tokens(ids_BT)
-        cos, sin = self.body.rotary_emb(h, pos_BT)
-        cos, sin = cos[:, None], sin[:, None]
+        cos_BTD, sin_BTD = self.body.rotary_emb(h, pos_BT)
         B, T = ids_BT.shape
         prompts = cache.prompts
         kernel = cache.kernel_attention and T == 1 and not isinstance(slots, slice)
-        if kernel:  # the kernel reads the cache up to the step's slot, marked valid here
+        if kernel:  # the kernel writes the step's slot and reads the ones before; marked here
             cache.valid_BS.index_fill_(1, slots, True)
         allowed = None if prompts or kernel else _allowed(cache.valid_BS, slots, T)[..., :visible]
         for i, layer in enumerate(self.body.layers):
@@ -156,25 +155,35 @@ class StaticDecoder:
             q, k, v = (t.view(B, T, -1, self.head_dim) for t in qkv)
             if hasattr(attn, "q_norm"):  # qwen3
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            _write(cache.keys[i], slots, k)
-            _write(cache.values[i], slots, v)
-            keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
-            if kernel:
+            if kernel:  # rotary, cache write and attention in one kernel
                 out = decode_kernels.decode_attention(
-                    q, keys, values, cache.valid_BS, slots, attn.scaling
-                )
-            elif prompts is None:
-                out = _attend(q, keys, values, allowed, attn.scaling)
+                    q[:, 0], k[:, 0], v[:, 0], cos_BTD[:, 0], sin_BTD[:, 0], cache.keys[i],
+                    cache.values[i], cache.valid_BS, slots, attn.scaling,
+                )  # fmt: skip
             else:
-                pk, pv = prompts.keys[i], prompts.values[i]
-                valid = None if prompts.unpadded else prompts.valid_BS
-                out = attend_grouped(q, pk, pv, valid, keys, values, attn.scaling)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+                q, k = _rotate(q, cos_BTD, sin_BTD), _rotate(k, cos_BTD, sin_BTD)
+                out = self._attend(cache, i, q, k, v, slots, visible, allowed, attn.scaling)
+            h = h + attn.o_proj(out.reshape(B, T, -1))
             h = h + mlp_forward(layer.mlp, fused, layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
+
+    def _attend(
+        self, cache: _Cache, i: int, q_BTHD: Tensor, k_BTKD: Tensor, v_BTKD: Tensor, slots: Any,
+        visible: int | None, allowed: Tensor | None, scale: float,
+    ) -> Tensor:  # fmt: skip
+        """Layer `i`'s attention in torch code, rotated queries and keys in: writes the new keys
+        and values at `slots`, returns `[B, T, H, D]`."""
+        q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
+        _write(cache.keys[i], slots, k)
+        _write(cache.values[i], slots, v)
+        keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
+        prompts = cache.prompts
+        if prompts is None:
+            out = _attend(q, keys, values, allowed, scale)
+        else:
+            valid = None if prompts.unpadded else prompts.valid_BS
+            out = attend_grouped(q, prompts.keys[i], prompts.values[i], valid, keys, values, scale)
+        return out.transpose(1, 2)
 
     def logits(self, hidden_BH: Tensor) -> Tensor:
         return self.lm.lm_head(hidden_BH)
@@ -320,6 +329,11 @@ def _attend(q_BHTD: Tensor, k_BKSD: Tensor, v_BKSD: Tensor, allowed_BTS: Tensor,
     else:
         out = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
     return out.reshape(B, H, T, D)
+
+
+def _rotate(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
+    """transformers' Llama-family rotary embedding, on `[B, T, heads, D]`."""
+    return x_BTHD * cos_BTD[:, :, None] + _rotate_half(x_BTHD) * sin_BTD[:, :, None]
 
 
 def _rotate_half(x: Tensor) -> Tensor:

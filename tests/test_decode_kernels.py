@@ -20,45 +20,72 @@ def _needs_cuda_and_triton():
         pytest.skip("needs CUDA and Triton")
 
 
-def _reference_attention(q, keys, values, valid, slot, scale):
-    """Float32 softmax attention of each query head over its KV head's slots `0..slot` that
-    `valid` marks."""
+def _rotate(x, cos, sin):
+    """transformers' rotary embedding in float32: `x` `[B, n, D]`, `cos`/`sin` `[B, D]`."""
+    half = x.shape[-1] // 2
+    x, cos, sin = x.float(), cos.float()[:, None], sin.float()[:, None]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _reference_step(q, k_new, v_new, cos, sin, keys, values, valid, slot, scale):
+    """The step in float32 torch code: rotate, write the new key/value at `slot` of copies of
+    the cache, softmax attention of each query head over its KV head's slots `0..slot` that
+    `valid` (with `slot` set) marks. Returns (output `[B, H, D]`, keys, values)."""
+    keys, values, valid = keys.clone(), values.clone(), valid.clone()
+    keys[:, :, slot] = _rotate(k_new, cos, sin).to(keys.dtype)
+    values[:, :, slot] = v_new
+    valid[:, slot] = True
     G = q.shape[1] // keys.shape[1]
     k = keys.float().repeat_interleave(G, 1)
     v = values.float().repeat_interleave(G, 1)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # [B, H, 1, S]
-    allowed = valid.clone()
-    allowed[:, slot + 1 :] = False
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, -1) @ v
+    q = _rotate(q, cos, sin).to(q.dtype).float()[:, :, None]
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, S]
+    valid[:, slot + 1 :] = False
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (torch.softmax(scores, -1) @ v)[:, :, 0], keys, values
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (4, 2, 16), (32, 8, 128)])
-def test_attention_equals_masked_softmax_attention(heads, kv_heads, head_dim):
+def test_attention_step_equals_rotate_write_and_softmax_attention(heads, kv_heads, head_dim):
+    """Queries and the new key/value as views of one projection output (as the decoder passes
+    them); left padding and holes in `valid`, slots across block edges; the cache gets the
+    rotated key and the value at the slot and nothing else; slots past it are never read."""
     from rollouts.decode_kernels import decode_attention
 
     gen = torch.Generator("cuda").manual_seed(0)
-    B, S = 6, 200
+    B, S, H, K, D = 6, 200, heads, kv_heads, head_dim
     kw = dict(device="cuda", dtype=torch.bfloat16, generator=gen)
-    q = torch.randn(B, heads, 1, head_dim, **kw)
-    keys, values = (
-        torch.randn(B, kv_heads, S, head_dim, **kw),
-        torch.randn(B, kv_heads, S, head_dim, **kw),
-    )
+    qkv = torch.randn(B, (H + 2 * K) * D, **kw)
+    q, k_new, v_new = (t.view(B, -1, D) for t in qkv.split([H * D, K * D, K * D], -1))
+    angle = torch.rand(B, D // 2, device="cuda", generator=gen) * 6
+    cos, sin = (torch.cat([f(angle)] * 2, -1).bfloat16() for f in (torch.cos, torch.sin))
+    keys, values = torch.randn(B, K, S, D, **kw), torch.randn(B, K, S, D, **kw)
     valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
     for row, pad in enumerate([0, 3, 64, 65, 130, 0]):  # left padding, across block edges
         valid[row, :pad] = False
     valid[5, 100:140] = False  # a hole: slots never written for this row
-    for slot in [130, 131, 150, 191]:
-        out = decode_attention(q, keys, values, valid, torch.tensor([slot], device="cuda"), 0.125)
-        want = _reference_attention(q, keys, values, valid, slot, 0.125)
-        assert out.shape == (B, heads, 1, head_dim) and out.dtype == torch.bfloat16
+    for slot in [0, 130, 131, 150, 191]:
+        want, want_keys, want_values = _reference_step(
+            q, k_new, v_new, cos, sin, keys, values, valid, slot, 0.125
+        )
+        got_keys, got_values, got_valid = keys.clone(), values.clone(), valid.clone()
+        got_valid[:, slot] = True  # the decoder marks the step's slot before its layers
+        at = torch.tensor([slot], device="cuda")
+        out = decode_attention(q, k_new, v_new, cos, sin, got_keys, got_values, got_valid, at,
+                               0.125)  # fmt: skip
+        assert out.shape == (B, H, D) and out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=0)
+        assert torch.equal(got_values, want_values)
+        # The rotated key rounded once from float32 on both sides: at most one bf16 step.
+        torch.testing.assert_close(got_keys, want_keys, atol=0, rtol=2**-7)
+        assert torch.equal(got_keys[:, :, :slot], keys[:, :, :slot])
     # Slots past the step's one are never read: garbage there changes nothing.
-    slot = torch.tensor([135], device="cuda")  # every row has a valid slot by then
-    before = decode_attention(q, keys, values, valid, slot, 0.125)
+    at, marked = torch.tensor([135], device="cuda"), valid.clone()
+    marked[:, 135] = True
+    before = decode_attention(q, k_new, v_new, cos, sin, keys.clone(), values.clone(), marked, at,
+                              0.125)  # fmt: skip
     keys[:, :, 136:], values[:, :, 136:] = float("nan"), float("nan")
-    after = decode_attention(q, keys, values, valid, slot, 0.125)
+    after = decode_attention(q, k_new, v_new, cos, sin, keys, values, marked, at, 0.125)
     assert not before.isnan().any() and torch.equal(before, after)
 
 
@@ -130,7 +157,8 @@ def test_static_decoder_steps_equal_with_and_without_kernels(compile, monkeypatc
     for kernels in (True, False):
         monkeypatch.setattr(static_decode, "KERNELS", kernels)
         session = static_decode.StaticDecoder(model, compile=compile).start(ids, mask, 12)
-        logits[kernels] = torch.stack([session.step(token) for token in tokens])
+        # A CUDA graph's logits buffer is overwritten by its next replay: copy each step's.
+        logits[kernels] = torch.stack([session.step(token).clone() for token in tokens])
     gap = (logits[True].float() - logits[False].float()).abs().max().item()
     print(f"compile={compile}: largest logit gap kernels vs torch {gap:.4f}")
     assert gap < 0.05
