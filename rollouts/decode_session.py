@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rollouts.draw import draw, pick_in_row_chunks
+from rollouts.fused_weights import unfuse
 
 
 class DecodeSession:
@@ -21,7 +22,8 @@ class DecodeSession:
     `step_sample(tokens_B, ...) -> (next_tokens_B, their logprobs)` with the draw inside the
     step (inside the CUDA graph), for plain temperature sampling and greedy decoding. With
     `kernel_draw` (CUDA), that draw is the Triton kernels' (one uniform number per row); else
-    `pick` on a `[B, vocab]` uniform buffer."""
+    `pick` on a `[B, vocab]` uniform buffer. `close` it when done (it restores the model's
+    parameters after `fuse_weights`)."""
 
     def __init__(
         self, decoder: Any, cache: Any, next_pos_B: Tensor, first_slot: int,
@@ -79,6 +81,15 @@ class DecodeSession:
         token_B, logp_B = self._advance(tokens_B, ("sample", temperature), run)
         return token_B.clone(), logp_B.clone()  # a graph's outputs change at its next replay
 
+    def close(self) -> None:
+        """End the session: the model's parameters get their own storage back (with
+        `fuse_weights`, `rollouts/fused_weights.py`), and the CUDA graphs, which read the fused
+        weights, are dropped. Steps after `close` run unfused (and capture new graphs)."""
+        self._graphs.clear()
+        if self.cache.fused is not None:
+            unfuse(self.cache.fused)
+            self.cache.fused = None
+
     def noise(self, temperature: float, generator: torch.Generator | None) -> Tensor:
         """The session's uniform noise for one draw, redrawn from `generator`: `[B]` for the
         kernel draw; else `[B, vocab]`, or at temperature 0 (argmax, no noise read) a `[B, 1]`
@@ -107,17 +118,22 @@ class DecodeSession:
         return out
 
     def _capture(self, run: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-        """Record one step as a CUDA graph. The warm-up step on a side stream writes the same
-        slot that the first replay writes again, so the cache stays right."""
+        """Record one step as a CUDA graph, on a side stream. The warm-up step writes the same
+        slot that the first replay writes again, so the cache stays right. Not through
+        `torch.cuda.graph`, which empties the allocator's cache before every capture: the next
+        call's prefill and cache would then be allocated from the driver again."""
         cache_state = self.cache.valid_BS.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             run()
+            self.cache.valid_BS.copy_(cache_state)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin()
+            try:
+                out = run()
+            finally:
+                graph.capture_end()
+            self.cache.valid_BS.copy_(cache_state)
         torch.cuda.current_stream().wait_stream(side)
-        self.cache.valid_BS.copy_(cache_state)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
-        self.cache.valid_BS.copy_(cache_state)
         return graph, out

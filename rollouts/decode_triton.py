@@ -16,11 +16,13 @@ from torch.library import triton_op, wrap_triton
 SAMPLE_CHUNK = 4096
 """Vocabulary entries per program of the draw (151,936 -> 38 programs per row)."""
 SAMPLE_BLOCK = 1024
-ATTENTION_BLOCK = 64
+ATTENTION_BLOCK = 128
 """Cache slots per iteration of the attention loop."""
-ATTENTION_LAUNCH: dict[str, int] = {}
-"""Extra launch options of the attention kernel (`num_warps`, `num_stages`); Triton's defaults
-when empty."""
+ATTENTION_LAUNCH: dict[str, int] = {"num_warps": 4, "num_stages": 2}
+"""Launch options of the attention kernel. Chosen on an H200 over blocks of 32/64/128 slots,
+2/4/8 warps and 1-4 stages, with 24 layers' caches in turn as a decode step reads them (cold
+in L2; batch 256, 2 KV heads of 7 queries, head dim 64): 14.0 us per layer on average over
+160/256/352 written slots, against 15.0 us for blocks of 64 with Triton's defaults."""
 
 
 @triton.jit

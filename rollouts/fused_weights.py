@@ -4,19 +4,23 @@ of each attention, gate and up of each MLP.
 At a few hundred rows, a decode step's matmuls are bound by how many kernels run, not by the
 weights they read (on an H200 at batch 256, each of a 0.5B model's 7 projections per layer took
 4-10 us where its weights stream in 0.1-2 us; `bench/RESULTS.md`, B2). Fusing them needs the
-weights side by side, which the model does not keep: `fuse_layers` concatenates copies for one
-generate call, after the prefill (whose activations are gone by then), and the session drops
-them when it ends; the trainer's weights change between calls, so they are never reused.
+weights side by side, which the model does not keep. `fuse_layers` concatenates each group once
+per generate call and points the modules' own parameters at their rows of it (`.data` views:
+the same `Parameter` objects, values unchanged), so no second copy of the weights is held;
+`unfuse` gives every parameter its own storage back when the call ends, one layer at a time,
+before the trainer (or a checkpoint save, which refuses tensors sharing storage) sees them.
+Peak memory grows by one layer's group at a time, not by a copy of the model.
 
 Only plain `nn.Linear` modules are fused; LoRA-wrapped or otherwise replaced projections keep
 their own forward (a LoRA on q and v leaves the MLP fused).
 
-Test: `pytest tests/test_static_decode.py -k fused` (logits equal to the unfused steps').
+Test: `pytest tests/test_static_decode.py -k fused` (logits equal to the unfused steps'; the
+parameters restored).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -31,19 +35,36 @@ class FusedLayer:
     gate_up_weight: Tensor | None
     """`[2 * intermediate, hidden]` (gate rows first), or None."""
     gate_up_bias: Tensor | None
+    modules: list[nn.Linear] = field(default_factory=list)
+    """The fused modules, whose parameters are views of the tensors above until `unfuse`."""
 
 
 def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
-    """Concatenated copies of each layer's q/k/v and gate/up weights (and biases)."""
+    """Each layer's q/k/v and gate/up weights (and biases) side by side, the modules'
+    parameters turned into views of them (undo with `unfuse`)."""
     fused = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_w, qkv_b = _concat([attn.q_proj, attn.k_proj, attn.v_proj])
-        sizes = tuple(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_proj, mlp.up_proj] if _standard_mlp(mlp) else []
+        qkv_w, qkv_b = _concat(qkv)
         gate_up_w, gate_up_b = _concat(gate_up)
-        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b))
+        sizes = tuple(m.out_features for m in qkv)
+        modules = (qkv if qkv_w is not None else []) + (gate_up if gate_up_w is not None else [])
+        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b, modules))
     return fused
+
+
+def unfuse(fused: list[FusedLayer]) -> None:
+    """Give every fused parameter its own storage again (a copy of its rows), layer by layer,
+    and drop the fused tensors."""
+    for layer in fused:
+        for module in layer.modules:
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    param.data = param.data.clone()
+        layer.modules = []
+        layer.qkv_weight = layer.qkv_bias = layer.gate_up_weight = layer.gate_up_bias = None
 
 
 def project_qkv(attn: nn.Module, fused: FusedLayer | None, x: Tensor) -> tuple[Tensor, ...]:
@@ -76,4 +97,10 @@ def _concat(modules: list[nn.Module]) -> tuple[Tensor | None, Tensor | None]:
         return None, None
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    sizes = [m.out_features for m in modules]
+    for module, rows in zip(modules, weight.split(sizes), strict=True):
+        module.weight.data = rows  # the old storage goes once nothing else holds it
+    if bias is not None:
+        for module, rows in zip(modules, bias.split(sizes), strict=True):
+            module.bias.data = rows
     return weight, bias

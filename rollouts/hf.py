@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rollouts.decode_session import DecodeSession
 from rollouts.static_decode import StaticDecoder, unsupported
 from rollouts.types import Group, Sample, SamplingParams
 
@@ -43,11 +44,11 @@ class HFEngine:
         batch_size: int = 256,
         static_cache: bool = True,
         compile: bool | None = None,
-        fuse_weights: bool = False,
+        fuse_weights: bool | None = None,
     ) -> None:
         """`static_cache`: decode through `StaticDecoder` when the model allows it. `compile`:
         `torch.compile` its decode step; None = on CUDA only (compiling pays off there).
-        `fuse_weights`: the decoder's fused q/k/v and gate/up matmuls."""
+        `fuse_weights`: the decoder's fused q/k/v and gate/up matmuls; None = on CUDA only."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -147,7 +148,6 @@ class HFEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         input_ids, mask, rows_B = input_ids.to(device), mask.to(device), rows_B.to(device)
-        T = sampling.temperature
         # Checked per call: FSDP2 shards the shared model after the engine is built.
         static = self.static_cache and unsupported(self.model) is None
         if static:
@@ -157,14 +157,32 @@ class HFEngine:
             logits, step = session.first_logits, session.step
         else:
             logits, step = self._transformers_steps(input_ids[rows_B], mask[rows_B])
-        if static and device.type == "cuda" and sampling.top_p == 1.0:
+        stop_ids = set() if sampling.ignore_eos else self.stop_ids
+        try:
+            tokens, logps = self._sample_loop(
+                logits, step, session if static else None, sampling, generator, stop_ids,
+                batch, device,
+            )  # fmt: skip
+        finally:
+            if static:
+                session.close()
+        return _finish(tokens, logps, stop_ids)
+
+    def _sample_loop(
+        self, logits: Tensor, step: Callable[[Tensor], Tensor], session: DecodeSession | None,
+        sampling: SamplingParams, generator: torch.Generator | None, stop_ids: set[int],
+        batch: int, device: torch.device,
+    ) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+        """Draw up to `max_new_tokens` per row: the first from `logits`, each next one after
+        `step` (or, on CUDA, the session's draw inside its graph); rows stop at a stop token."""
+        T = sampling.temperature
+        if session is not None and device.type == "cuda" and sampling.top_p == 1.0:
             # The draw runs inside the compiled step and its CUDA graph (`rollouts.draw`).
             token, logp = session.first_draw(T, generator)
             advance = partial(session.step_sample, temperature=T, generator=generator)
         else:
             token, logp = _choose(logits, sampling, generator)
             advance = lambda token: _choose(step(token), sampling, generator)  # noqa: E731
-        stop_ids = set() if sampling.ignore_eos else self.stop_ids
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         # Each "all rows done?" check waits for the device; on GPU look every few steps.
         check_every = 1 if device.type == "cpu" else 8
@@ -182,16 +200,14 @@ class HFEngine:
                 if (t + 1) % check_every == 0 and bool(done.all()):
                     break
             token, logp = advance(token)
-        tokens, logps = torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
-        return _finish(tokens, logps, stop_ids)
+        return torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
 
     def _static_decoder(self, device: torch.device) -> StaticDecoder:
         """One decoder per engine, so a compiled step is reused across calls."""
         if self._decoder is None:
             compile = device.type == "cuda" if self.compile is None else self.compile
-            self._decoder = StaticDecoder(
-                self.model, compile=compile, fuse_weights=self.fuse_weights
-            )
+            fuse = device.type == "cuda" if self.fuse_weights is None else self.fuse_weights
+            self._decoder = StaticDecoder(self.model, compile=compile, fuse_weights=fuse)
         return self._decoder
 
     def _transformers_steps(

@@ -60,8 +60,8 @@ class PoolOptions:
     """`hf` actors: static-cache decoding (see `HFEngine`)."""
     compile: bool | None = None
     """`hf` actors: compile the decode step; None = on CUDA only."""
-    fuse_weights: bool = False
-    """`hf` actors: fused q/k/v and gate/up matmuls in decode steps (`HFEngine`)."""
+    fuse_weights: bool | None = None
+    """`hf` actors: fused q/k/v and gate/up matmuls (`HFEngine`); None = on CUDA only."""
     vllm: VLLMOptions | None = None
     """`vllm` actors: engine settings."""
 

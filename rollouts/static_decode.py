@@ -9,8 +9,8 @@ on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samp
 prompt share its prefill; eager steps (CPU) also keep its keys and values once and read them
 once per group (`rollouts/grouped_attention.py`). The cache lives
 only for one `generate` call, so the memory goes back to the trainer between rollouts. With
-`fuse_weights`, each step runs q/k/v and gate/up as one matmul each, on weight copies made
-for the call (`rollouts/fused_weights.py`).
+`fuse_weights`, the prefill and each step run q/k/v and gate/up as one matmul each, on the
+model's weights laid side by side for the call (`rollouts/fused_weights.py`).
 
 Supported: model types in `SUPPORTED` with full attention in every layer; `unsupported(model)`
 says why another model falls back to the plain transformers loop.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from rollouts import decode_kernels
 from rollouts.decode_session import DecodeSession
 from rollouts.draw import draw, pick
-from rollouts.fused_weights import FusedLayer, fuse_layers, mlp_forward, project_qkv
+from rollouts.fused_weights import FusedLayer, fuse_layers, mlp_forward, project_qkv, unfuse
 from rollouts.grouped_attention import attend_grouped, grouped_rows
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -94,7 +94,8 @@ class _Cache:
     once per group (`rollouts/grouped_attention.py`); the rows' own cache then holds only
     generated tokens."""
     fused: list[FusedLayer] | None = None
-    """Per layer, q/k/v and gate/up weights side by side for the decode steps."""
+    """Per layer, q/k/v and gate/up weights side by side (the model's parameters are views
+    of them until the session closes)."""
     kernel_attention: bool = False
     """Fixed-shape one-token steps attend with the Triton kernel (`decode_kernels`)."""
 
@@ -109,8 +110,9 @@ class StaticDecoder:
         """`cuda_graphs`: replay the decode step as a CUDA graph (CUDA only). `compile`: run
         the decode step (and, on CUDA, the prefill) through `torch.compile` first (fuses the
         small kernels of a step; the first call of each batch shape compiles). `fuse_weights`:
-        decode steps run q/k/v and gate/up as one matmul each, on weight copies made per
-        session (`rollouts/fused_weights.py`)."""
+        the prefill and steps run q/k/v and gate/up as one matmul each, the model's parameters
+        being views of the fused weights until `DecodeSession.close`
+        (`rollouts/fused_weights.py`)."""
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"static decoding cannot run this model: {reason}")
@@ -134,13 +136,16 @@ class StaticDecoder:
     # -- one pass of the decoder over T new positions -----------------------------------------
 
     def _forward(
-        self, cache: _Cache, ids_BT: Tensor, pos_BT: Tensor, slots: Any, visible: int | None = None
-    ) -> Tensor:
+        self, cache: _Cache, ids_BT: Tensor, pos_BT: Tensor, slots: Any, visible: int | None = None,
+        whole_prompts: bool = False,
+    ) -> Tensor:  # fmt: skip
         """Run `ids_BT` at positions `pos_BT`, writing their keys/values at cache `slots` (a
         slice for the prefill, a 1-element index tensor for a decode step). `visible`: attend
         to the first `visible` slots only (the ones written so far; None = all, a fixed shape
-        for compiled steps and CUDA graphs). Returns the last position's hidden state after
-        the final norm, `[B, hidden]`."""
+        for compiled steps and CUDA graphs). `whole_prompts`: a prefill of prompts without
+        padding from slot 0, whose tokens then attend causally among themselves only (flash
+        attention, no mask). Returns the last position's hidden state after the final norm,
+        `[B, hidden]`."""
         h = self.body.embed_tokens(ids_BT)
         cos_BTD, sin_BTD = self.body.rotary_emb(h, pos_BT)
         B, T = ids_BT.shape
@@ -148,7 +153,11 @@ class StaticDecoder:
         kernel = cache.kernel_attention and T == 1 and not isinstance(slots, slice)
         if kernel:  # the kernel writes the step's slot and reads the ones before; marked here
             cache.valid_BS.index_fill_(1, slots, True)
-        allowed = None if prompts or kernel else _allowed(cache.valid_BS, slots, T)[..., :visible]
+        causal = whole_prompts and prompts is None
+        allowed = (
+            None if prompts or kernel or causal
+            else _allowed(cache.valid_BS, slots, T)[..., :visible]
+        )  # fmt: skip
         for i, layer in enumerate(self.body.layers):
             attn, fused = layer.self_attn, cache.fused[i] if cache.fused else None
             qkv = project_qkv(attn, fused, layer.input_layernorm(h))
@@ -162,20 +171,27 @@ class StaticDecoder:
                 )  # fmt: skip
             else:
                 q, k = _rotate(q, cos_BTD, sin_BTD), _rotate(k, cos_BTD, sin_BTD)
-                out = self._attend(cache, i, q, k, v, slots, visible, allowed, attn.scaling)
+                out = self._attend(cache, i, q, k, v, slots, visible, allowed, attn.scaling,
+                                   causal)  # fmt: skip
             h = h + attn.o_proj(out.reshape(B, T, -1))
             h = h + mlp_forward(layer.mlp, fused, layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
 
     def _attend(
         self, cache: _Cache, i: int, q_BTHD: Tensor, k_BTKD: Tensor, v_BTKD: Tensor, slots: Any,
-        visible: int | None, allowed: Tensor | None, scale: float,
+        visible: int | None, allowed: Tensor | None, scale: float, causal: bool = False,
     ) -> Tensor:  # fmt: skip
         """Layer `i`'s attention in torch code, rotated queries and keys in: writes the new keys
-        and values at `slots`, returns `[B, T, H, D]`."""
+        and values at `slots`, returns `[B, T, H, D]`. `causal`: the new tokens are whole
+        prompts, attending causally among themselves."""
         q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
         _write(cache.keys[i], slots, k)
         _write(cache.values[i], slots, v)
+        if causal:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
+            return out.transpose(1, 2)
         keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
         prompts = cache.prompts
         if prompts is None:
@@ -236,24 +252,35 @@ class StaticDecoder:
         positions_UP = (mask_UP.cumsum(-1) - 1).clamp(min=0)
         # Prefill a few rows at a time: the MLP's activations of every prompt token at once
         # would outgrow the cache itself. Row slices of the cache are views, written in place.
+        unpadded = bool(mask_UP.all())
         hidden = []
         budget = PREFILL_TOKENS
         if ids_UP.device.type != "cuda":
             budget = min(budget, CPU_PREFILL_TOKENS)
         step = max(1, budget // P)
         prefill = self.prefill if ids_UP.device.type == "cuda" else self._forward
-        for r in range(0, ids_UP.shape[0], step):
-            rows = slice(r, r + step)
-            part = _Cache(
-                [k[rows] for k in prefix.keys],
-                [v[rows] for v in prefix.values],
-                prefix.valid_BS[rows],
-            )
-            hidden.append(prefill(part, ids_UP[rows], positions_UP[rows], slice(0, P)))
+        # The prefill runs the fused matmuls too; the session's `close` unfuses.
+        fused = fuse_layers(self.body.layers) if self.fuse_weights else None
+        try:
+            for r in range(0, ids_UP.shape[0], step):
+                rows = slice(r, r + step)
+                part = _Cache(
+                    [k[rows] for k in prefix.keys],
+                    [v[rows] for v in prefix.values],
+                    prefix.valid_BS[rows],
+                    fused=fused,
+                )
+                hidden.append(
+                    prefill(part, ids_UP[rows], positions_UP[rows], slice(0, P), None, unpadded)
+                )
+        except BaseException:
+            if fused is not None:
+                unfuse(fused)
+            raise
         hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
         if grouped:
             cache.prompts = prefix
-            prefix.unpadded = bool(mask_UP.all())
+            prefix.unpadded = unpadded
         elif shared:
             for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
                                   strict=True):  # fmt: skip
@@ -262,8 +289,7 @@ class StaticDecoder:
         if shared:
             hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
         first_slot = 0 if grouped else P
-        if self.fuse_weights:
-            cache.fused = fuse_layers(self.body.layers)  # after the prefill's activations went
+        cache.fused = fused
         cache.kernel_attention = (
             kernels and not grouped
             and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from posttrain.config.schema import RolloutConfig
 from posttrain.engines import build_engine, engine_name
@@ -27,7 +28,8 @@ def test_hf_engine_shares_the_policy(tiny, tiny_path):
     )
     assert engine.name == "hf" and engine.model is model and engine.batch_size == 7
     assert engine.static_cache and engine.compile is None  # compiled on CUDA only
-    assert engine.fuse_weights is False
+    assert engine.fuse_weights is None  # fused on CUDA only
+    assert not engine._static_decoder(torch.device("cpu")).fuse_weights
     plain = RolloutConfig(engine="hf", static_cache=False, compile=False)
     engine = build_engine(plain, model, tokenizer, tiny_path, "float32", 0)
     assert not engine.static_cache and engine.compile is False

@@ -48,6 +48,7 @@ def _check_steps(
     decoder's `fuse_weights`."""
     gen = torch.Generator().manual_seed(2)
     decoder = StaticDecoder(model, compile=compile, fuse_weights=fuse)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     session = decoder.start(ids, mask, max_new_tokens=steps + 1, rows_B=rows)
     assert (session.cache.fused is not None) == fuse
     if rows is not None:
@@ -63,7 +64,20 @@ def _check_steps(
         ids = torch.cat([ids, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = session.step(token)
+    session.close()
+    _assert_parameters_own_and_unchanged(model, before)
     return worst
+
+
+def _assert_parameters_own_and_unchanged(model, before: dict) -> None:
+    """Every parameter has its values of `before` and a storage of its own (none a view of
+    fused weights)."""
+    storages = set()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        ptr = param.untyped_storage().data_ptr()
+        assert ptr not in storages, f"{name} shares its storage"
+        storages.add(ptr)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +95,29 @@ def test_prefill_and_steps_match_transformers(kind, extra):
     assert unsupported(model) is None
     ids, mask = _left_padded(4, [7, 3, 5, 1], SMALL["vocab_size"])
     _check_steps(model, ids, mask, steps=6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16})])
+@torch.no_grad()
+def test_unpadded_prompts_prefill_causally_and_match_transformers(kind, extra, monkeypatch):
+    """Prompts without padding are prefilled with causal attention and no mask (flash
+    attention on GPU): the prefill and every step still equal the full forward, shared
+    prefill too; the masked attention never runs in the prefill."""
+    from rollouts import static_decode
+
+    masked_widths = []
+    allowed = static_decode._allowed
+
+    def spy(valid_BS, slots, T):
+        masked_widths.append(T)
+        return allowed(valid_BS, slots, T)
+
+    monkeypatch.setattr(static_decode, "_allowed", spy)
+    model = _random_model(kind, **extra)
+    ids, mask = _left_padded(3, [6, 6, 6], SMALL["vocab_size"])
+    _check_steps(model, ids, mask, steps=4, atol=1e-5)
+    _check_steps(model, ids, mask, steps=3, atol=1e-5, rows=torch.tensor([2, 0, 0, 1]))
+    assert masked_widths and set(masked_widths) == {1}  # the steps' masks only
 
 
 @torch.no_grad()
@@ -183,6 +220,43 @@ def test_fused_weights_steps_match_transformers(kind, extra, rows):
     ids, mask = _left_padded(3, [6, 2, 4], SMALL["vocab_size"])
     rows = None if rows is None else torch.tensor(rows)
     _check_steps(model, ids, mask, steps=5, atol=1e-5, rows=rows, fuse=True)
+
+
+@torch.no_grad()
+def test_fused_weights_are_the_parameters_until_close_and_survive_errors(tmp_path):
+    """While a session runs, the fused q/k/v and gate/up rows are the model's own parameters
+    (same `Parameter` objects, no second copy); `close` gives each its storage back, the model
+    then saves and reloads unchanged; a prefill that fails unfuses before raising."""
+    from transformers import AutoModelForCausalLM
+
+    model = _random_model("qwen2")
+    attn = model.model.layers[0].self_attn
+    q_param, before = attn.q_proj.weight, {n: p.clone() for n, p in model.named_parameters()}
+    ids, mask = _left_padded(2, [3, 5], SMALL["vocab_size"])
+    session = StaticDecoder(model, fuse_weights=True).start(ids, mask, 4)
+    fused = session.cache.fused[0]
+    assert attn.q_proj.weight is q_param
+    for module, rows in [(attn.q_proj, 0), (attn.k_proj, attn.q_proj.out_features)]:
+        assert module.weight.data_ptr() == fused.qkv_weight[rows].data_ptr()
+    session.step(torch.tensor([5, 6]))
+    session.close()
+    assert attn.q_proj.weight is q_param and session.cache.fused is None
+    _assert_parameters_own_and_unchanged(model, before)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+    decoder = StaticDecoder(model, fuse_weights=True)
+
+    def failing_prefill(*args, **kwargs):
+        raise RuntimeError("prefill failed")
+
+    decoder.prefill = failing_prefill
+    decoder._forward = failing_prefill
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        decoder.start(ids, mask, 4)
+    _assert_parameters_own_and_unchanged(model, before)
 
 
 @torch.no_grad()

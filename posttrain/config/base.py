@@ -188,10 +188,13 @@ class RolloutConfig(Strict):
     compile: bool | None = None
     """`hf` engine with `static_cache`: `torch.compile` the decode step (the first rollout pays
     the compilation); None = on CUDA only."""
-    fuse_weights: bool = False
-    """`hf` engine with `static_cache`: decode steps run q/k/v and gate/up as one matmul each,
-    on copies of those weights made for each rollout (`rollouts/fused_weights.py`). On an H200
-    at batch 256 with a 0.5B model: 10% more tokens/s for 0.45 GB more memory while decoding."""
+    fuse_weights: bool | None = None
+    """`hf` engine with `static_cache`: the prefill and decode steps run q/k/v and gate/up as one
+    matmul each; None = on CUDA only (on CPU the strided halves cost more than the launches
+    saved: tiny model, batch 256, 7.0k vs 8.3k tokens/s). The weights are laid side by side for each rollout and the model's parameters
+    point into them until it ends (`rollouts/fused_weights.py`): no second copy, and the
+    parameters get their own storage back before training resumes. `bench/RESULTS.md` (B2) has
+    the speed with and without."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """vLLM dtype; `auto` = `model.dtype`, so the sync probe compares like with like."""
     max_model_len: int | None = None
