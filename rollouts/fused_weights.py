@@ -39,6 +39,7 @@ class FusedLayer:
     """The fused modules, whose parameters are views of the tensors above until `unfuse`."""
 
 
+@torch.inference_mode(False)  # parameters must stay usable by autograd afterwards
 def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
     """Each layer's q/k/v and gate/up weights (and biases) side by side, the modules'
     parameters turned into views of them (undo with `unfuse`)."""
@@ -55,6 +56,7 @@ def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
     return fused
 
 
+@torch.inference_mode(False)
 def unfuse(fused: list[FusedLayer]) -> None:
     """Give every fused parameter its own storage again (a copy of its rows), layer by layer,
     and drop the fused tensors."""

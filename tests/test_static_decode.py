@@ -247,6 +247,13 @@ def test_fused_weights_are_the_parameters_until_close_and_survive_errors(tmp_pat
     for name, param in reloaded.named_parameters():
         assert torch.equal(param, before[name]), name
 
+    with torch.inference_mode():  # a caller's inference mode leaves no inference tensors
+        session = StaticDecoder(model, fuse_weights=True).start(ids, mask, 4)
+        session.step(torch.tensor([5, 6]))
+        session.close()
+    assert not any(p.is_inference() for p in model.parameters())
+    _assert_parameters_own_and_unchanged(model, before)
+
     decoder = StaticDecoder(model, fuse_weights=True)
 
     def failing_prefill(*args, **kwargs):
