@@ -202,6 +202,29 @@ def test_prefill_in_row_chunks(monkeypatch, limit):
     _check_steps(model, ids, mask, steps=3, atol=1e-5)
 
 
+def test_cuda_prefill_parts_keep_activations_within_a_share_of_the_cache():
+    """On CUDA the prefill's parts are bounded by the cache they sit on (a small batch's whole
+    prompt set at once peaked above transformers `generate`), in equal parts but the last."""
+    from rollouts import static_decode
+
+    decoder = StaticDecoder(_random_model("qwen2"))
+    intermediate = decoder.lm.config.intermediate_size
+    cuda = torch.device("cuda")  # only the device type is read
+    for U, P, S in [(64, 16, 48), (256, 16, 48), (5, 40, 41), (3, 4, 8)]:
+        cache = decoder._empty_cache(U, S, torch.device("cpu"))
+        rows = decoder._prefill_rows(U, P, cache, cuda)
+        share = static_decode.PREFILL_SHARE * sum(t.nbytes for t in cache.keys + cache.values)
+        assert rows == 1 or rows * P * 6 * intermediate * 4 <= share
+        assert rows <= static_decode.PREFILL_TOKENS // P or rows == 1
+        parts = -(-U // rows)
+        assert (parts - 1) * rows < U  # no empty part; sizes differ only in the last
+        if U in (64, 256):
+            assert U % rows == 0  # equal parts where a divisor is near the largest size
+    # Off CUDA the CPU limit alone applies (the same as before the share).
+    cache = decoder._empty_cache(64, 48, torch.device("cpu"))
+    assert decoder._prefill_rows(64, 16, cache, torch.device("cpu")) == 64
+
+
 @pytest.mark.parametrize(
     "kind,extra,rows",
     [
