@@ -37,11 +37,13 @@ from rollouts.grouped_attention import attend_grouped, grouped_rows
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
 """Prompt tokens prefilled at once on CUDA, at most."""
-PREFILL_SHARE = 0.5
-"""The prefill's MLP activations (gate/up and their product, about 6 * intermediate bytes per
-16-bit token) are kept under this share of the cache they sit on: the whole cache is allocated
-before the prefill, so without a bound a small batch peaked above transformers `generate`
-(B2 on an H200 at batch 64: 1,642 MiB with 8,192 prompt tokens at once, against 1,515)."""
+PREFILL_SHARE = 1.0
+"""The prefill's MLP activations (gate/up and their product: 6 * intermediate bytes per 16-bit
+token, an upper bound) are kept within this share of the cache they sit on. The whole cache is
+allocated before the prefill, so without a bound a small batch peaked above transformers
+`generate` (B2 on an H200 at batch 64: 1,642 MiB with its 8,192 prompt tokens at once, against
+1,515; 1.0 prefills them in two parts, an estimated ~1,470 MiB, not yet measured). Batches of
+256 and more (0.5B model, prompt 128, 256 new) are not affected: `PREFILL_TOKENS` is smaller."""
 CPU_PREFILL_TOKENS = 1_024
 """Elsewhere: the prefill's MLP activations sit on top of the preallocated cache. Tiny model,
 64-token prompts, peak RSS of a process decoding 64 then 256 rows: 515 / 776 MiB with 16,384
