@@ -42,11 +42,13 @@ class DecodeSession:
         self._use_graph = use_graph
         self._noise: dict[tuple[int, ...], Tensor] = {}
         self._kernel_draw = kernel_draw
+        self._closed = False
 
     @torch.no_grad()
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed the tokens just sampled; returns the logits for the next ones (with CUDA graphs,
         a buffer the next step overwrites: use or copy it before then)."""
+        self._check_open()
         if self._fixed_shape:
             run = partial(self.decoder.decode_step, self.cache, self._token_B, self._pos_B,
                           self._slot)  # fmt: skip
@@ -75,20 +77,27 @@ class DecodeSession:
         """Feed the tokens just sampled; returns the next tokens and their logprobs (`draw`),
         the caller's to keep. The noise is drawn from `generator` before the step, outside the
         graph."""
+        self._check_open()
         noise = self.noise(temperature, generator)
         run = partial(self.decoder.decode_sample, self.cache, self._token_B, self._pos_B,
                       self._slot, noise, temperature)  # fmt: skip
         token_B, logp_B = self._advance(tokens_B, ("sample", temperature), run)
         return token_B.clone(), logp_B.clone()  # a graph's outputs change at its next replay
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this decode session is closed: start a new one")
+
     def close(self) -> None:
-        """End the session: the model's parameters get their own storage back (with
-        `fuse_weights`, `rollouts/fused_weights.py`), and the CUDA graphs, which read the fused
-        weights, are dropped. Steps after `close` run unfused (and capture new graphs)."""
+        """End the session: the CUDA graphs and the cache are dropped (first, so their memory
+        is free), then the model's parameters get their own storage back (with `fuse_weights`,
+        `rollouts/fused_weights.py`). The session cannot step after `close`."""
         self._graphs.clear()
-        if self.cache.fused is not None:
-            unfuse(self.cache.fused)
-            self.cache.fused = None
+        self._closed = True
+        fused, self.cache.fused = self.cache.fused, None
+        self.cache.keys, self.cache.values, self.cache.prompts = [], [], None
+        if fused is not None:
+            unfuse(fused)
 
     def noise(self, temperature: float, generator: torch.Generator | None) -> Tensor:
         """The session's uniform noise for one draw, redrawn from `generator`: `[B]` for the
@@ -125,15 +134,17 @@ class DecodeSession:
         cache_state = self.cache.valid_BS.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-            self.cache.valid_BS.copy_(cache_state)
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin()
-            try:
-                out = run()
-            finally:
-                graph.capture_end()
-            self.cache.valid_BS.copy_(cache_state)
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                run()
+                self.cache.valid_BS.copy_(cache_state)
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin()
+                try:
+                    out = run()
+                finally:
+                    graph.capture_end()
+                self.cache.valid_BS.copy_(cache_state)
+        finally:  # also on errors: nothing is freed while the side stream may still use it
+            torch.cuda.current_stream().wait_stream(side)
         return graph, out

@@ -17,7 +17,8 @@ SAMPLE_CHUNK = 4096
 """Vocabulary entries per program of the draw (151,936 -> 38 programs per row)."""
 SAMPLE_BLOCK = 1024
 ATTENTION_BLOCK = 128
-"""Cache slots per iteration of the attention loop."""
+"""Cache slots per iteration of the attention loop (64 for head dims above 128, whose key and
+value tiles in 2 stages would otherwise need 256 KB of shared memory)."""
 ATTENTION_LAUNCH: dict[str, int] = {"num_warps": 4, "num_stages": 2}
 """Launch options of the attention kernel. Chosen on an H200 over blocks of 32/64/128 slots,
 2/4/8 warps and 1-4 stages, with 24 layers' caches in turn as a decode step reads them (cold
@@ -166,8 +167,8 @@ def _decode_attention(
         v_new.stride(1), cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0),
         out.stride(0), out.stride(1), scale,
-        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=ATTENTION_BLOCK,
-        **ATTENTION_LAUNCH,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D,
+        BLOCK=ATTENTION_BLOCK if D <= 128 else 64, **ATTENTION_LAUNCH,
     )  # fmt: skip
     return out
 

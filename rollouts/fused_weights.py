@@ -43,16 +43,25 @@ class FusedLayer:
 def fuse_layers(layers: nn.ModuleList) -> list[FusedLayer]:
     """Each layer's q/k/v and gate/up weights (and biases) side by side, the modules'
     parameters turned into views of them (undo with `unfuse`)."""
-    fused = []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        gate_up = [mlp.gate_proj, mlp.up_proj] if _standard_mlp(mlp) else []
-        qkv_w, qkv_b = _concat(qkv)
-        gate_up_w, gate_up_b = _concat(gate_up)
-        sizes = tuple(m.out_features for m in qkv)
-        modules = (qkv if qkv_w is not None else []) + (gate_up if gate_up_w is not None else [])
-        fused.append(FusedLayer(qkv_w, qkv_b, sizes, gate_up_w, gate_up_b, modules))
+    fused: list[FusedLayer] = []
+    try:
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [mlp.gate_proj, mlp.up_proj] if _standard_mlp(mlp) else []
+            sizes = tuple(m.out_features for m in qkv)
+            qkv_w, qkv_b = _concat(qkv)
+            # Listed before gate/up fuses, so a failure there unfuses q/k/v too.
+            fused.append(
+                FusedLayer(qkv_w, qkv_b, sizes, None, None, qkv if qkv_w is not None else [])
+            )
+            gate_up_w, gate_up_b = _concat(gate_up)
+            if gate_up_w is not None:
+                fused[-1].gate_up_weight, fused[-1].gate_up_bias = gate_up_w, gate_up_b
+                fused[-1].modules += gate_up
+    except BaseException:  # e.g. out of memory: no parameter may stay a view
+        unfuse(fused)
+        raise
     return fused
 
 

@@ -263,7 +263,8 @@ class StaticDecoder:
         hidden = []
         step = self._prefill_rows(ids_UP.shape[0], P, cache, ids_UP.device)
         prefill = self.prefill if ids_UP.device.type == "cuda" else self._forward
-        # The prefill runs the fused matmuls too; the session's `close` unfuses.
+        # The prefill runs the fused matmuls too; the session's `close` unfuses (or, should
+        # anything before the session fail, the handler below).
         fused = fuse_layers(self.body.layers) if self.fuse_weights else None
         try:
             for r in range(0, ids_UP.shape[0], step):
@@ -277,31 +278,31 @@ class StaticDecoder:
                 hidden.append(
                     prefill(part, ids_UP[rows], positions_UP[rows], slice(0, P), None, unpadded)
                 )
-        except BaseException:
+            hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
+            if grouped:
+                cache.prompts = prefix
+                prefix.unpadded = unpadded
+            elif shared:
+                for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
+                                      strict=True):  # fmt: skip
+                    full[:, :, :P] = part[rows_B]
+                cache.valid_BS[:, :P] = prefix.valid_BS[rows_B]
+            if shared:
+                hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
+            first_slot = 0 if grouped else P
+            cache.fused = fused
+            cache.kernel_attention = (
+                kernels and not grouped
+                and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32
+                and decode_kernels.attention_supported(self.head_dim, self.group)
+            )  # fmt: skip
+            return DecodeSession(
+                self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernels
+            )
+        except BaseException:  # no parameter stays a view of the fused weights
             if fused is not None:
                 unfuse(fused)
             raise
-        hidden_BD, next_pos_B = torch.cat(hidden), positions_UP[:, -1] + 1
-        if grouped:
-            cache.prompts = prefix
-            prefix.unpadded = unpadded
-        elif shared:
-            for full, part in zip(cache.keys + cache.values, prefix.keys + prefix.values,
-                                  strict=True):  # fmt: skip
-                full[:, :, :P] = part[rows_B]
-            cache.valid_BS[:, :P] = prefix.valid_BS[rows_B]
-        if shared:
-            hidden_BD, next_pos_B = hidden_BD[rows_B], next_pos_B[rows_B]
-        first_slot = 0 if grouped else P
-        cache.fused = fused
-        cache.kernel_attention = (
-            kernels and not grouped
-            and cache.keys[0].dtype in (torch.bfloat16, torch.float16)  # tl.dot: TF32 on fp32
-            and decode_kernels.attention_supported(self.head_dim, self.group)
-        )  # fmt: skip
-        return DecodeSession(
-            self, cache, next_pos_B, first_slot, self.logits(hidden_BD), use_graph, kernels
-        )
 
     def _prefill_rows(self, U: int, P: int, cache: _Cache, device: torch.device) -> int:
         """Prompts per prefill part: at most `PREFILL_TOKENS` tokens (off CUDA also at most

@@ -45,7 +45,10 @@ def _reference_step(q, k_new, v_new, cos, sin, keys, values, valid, slot, scale)
     return (torch.softmax(scores, -1) @ v)[:, :, 0], keys, values
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (4, 2, 16), (32, 8, 128)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(14, 2, 64), (4, 2, 16), (32, 8, 128), (16, 2, 256), (64, 1, 128)],
+)
 def test_attention_step_equals_rotate_write_and_softmax_attention(heads, kv_heads, head_dim):
     """Queries and the new key/value as views of one projection output (as the decoder passes
     them); left padding and holes in `valid`, slots across block edges; the cache gets the

@@ -287,6 +287,43 @@ def test_fused_weights_are_the_parameters_until_close_and_survive_errors(tmp_pat
     with pytest.raises(RuntimeError, match="prefill failed"):
         decoder.start(ids, mask, 4)
     _assert_parameters_own_and_unchanged(model, before)
+    with pytest.raises(RuntimeError, match="is closed"):
+        session.step(torch.tensor([5, 6]))
+
+
+@torch.no_grad()
+def test_failures_while_fusing_or_after_the_prefill_leave_no_parameter_fused(monkeypatch):
+    """Out of memory halfway through fusing (the third group of weights), or in the first
+    logits after the prefill (before any session exists to close): every parameter has its
+    own storage and values again when the error reaches the caller."""
+    from rollouts import fused_weights
+
+    model = _random_model("qwen2")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids, mask = _left_padded(2, [3, 5], SMALL["vocab_size"])
+    concat, calls = fused_weights._concat, []
+
+    def third_fails(modules):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("out of memory fusing")
+        return concat(modules)
+
+    monkeypatch.setattr(fused_weights, "_concat", third_fails)
+    with pytest.raises(torch.OutOfMemoryError, match="fusing"):
+        StaticDecoder(model, fuse_weights=True).start(ids, mask, 4)
+    _assert_parameters_own_and_unchanged(model, before)
+    monkeypatch.setattr(fused_weights, "_concat", concat)
+
+    decoder = StaticDecoder(model, fuse_weights=True)
+
+    def logits_fail(hidden):
+        raise torch.OutOfMemoryError("out of memory in the head")
+
+    decoder.logits = logits_fail
+    with pytest.raises(torch.OutOfMemoryError, match="head"):
+        decoder.start(ids, mask, 4)
+    _assert_parameters_own_and_unchanged(model, before)
 
 
 @torch.no_grad()
@@ -294,7 +331,7 @@ def test_fused_weights_skip_lora_wrapped_projections():
     """A LoRA on q and v leaves q/k/v unfused (the adapter still applies) and gate/up fused."""
     from peft import LoraConfig, get_peft_model
 
-    from rollouts.fused_weights import fuse_layers
+    from rollouts.fused_weights import fuse_layers, unfuse
 
     model = _random_model("qwen2")
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -303,6 +340,7 @@ def test_fused_weights_skip_lora_wrapped_projections():
     assert all(f.qkv_weight is None and f.gate_up_weight is not None for f in fused)
     mlp = peft_model.get_base_model().model.layers[0].mlp
     assert fused[0].gate_up_weight.shape == (2 * mlp.intermediate_size, mlp.hidden_size)
+    unfuse(fused)
     ids, mask = _left_padded(3, [4, 6, 2], SMALL["vocab_size"])
     _check_steps(peft_model, ids, mask, steps=3, atol=1e-5, fuse=True)
 
@@ -486,6 +524,7 @@ def test_compiled_step_sample_equals_eager_step_then_pick():
         for token, logp, compiled_token, compiled_logp in steps:
             assert torch.equal(token, compiled_token), temperature
             torch.testing.assert_close(logp, compiled_logp, atol=1e-5, rtol=0)
+        compiled.close()
 
 
 def test_fsdp2_sharded_parameters_fall_back_to_transformers():
