@@ -5,8 +5,9 @@ generation_config=GenerationConfig(do_sample=True, temperature, top_p, top_k=0, 
 repetition_penalty=1.0, cache_implementation=None, disable_compile=True, ...))` on the whole
 batch at once; that is the baseline. Ours is `rollouts.hf.HFEngine.decode` (static KV cache,
 CUDA-graph step on GPU, compiled on GPU, the draw inside the step, Triton attention and draw
-kernels on CUDA, q/k/v and gate/up as one matmul each), with four variants:
-`posttrain-unfused` (`fuse_weights=False`: the seven projections of a layer as seven matmuls),
+kernels and q/k/v and gate/up as one matmul each on CUDA), with four variants:
+`posttrain-unfused` (`fuse_weights=False`: the seven projections of a layer as seven matmuls;
+on CPU the same as `posttrain`),
 `posttrain-no-compile` (static cache and CUDA graph, no `torch.compile`),
 `posttrain-sdpa-decode` (one-token steps through `scaled_dot_product_attention` with a mask
 instead of the matmul attention, `rollouts.static_decode.DECODE_ATTENTION`) and
@@ -139,7 +140,7 @@ def _runner(system, model, tokenizer, ids, new_tokens, device):
         batch_size=ids.shape[0],
         static_cache=system != "posttrain-dynamic-cache",
         compile=False if system == "posttrain-no-compile" else None,
-        fuse_weights=system != "posttrain-unfused",
+        fuse_weights=False if system == "posttrain-unfused" else None,  # None: on CUDA only
     )
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True)
     generator = torch.Generator(device).manual_seed(0)
