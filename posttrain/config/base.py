@@ -190,8 +190,8 @@ class RolloutConfig(Strict):
     the compilation); None = on CUDA only."""
     fuse_weights: bool | None = None
     """`hf` engine with `static_cache`: the prefill and decode steps run q/k/v and gate/up as one
-    matmul each; None = on CUDA only (on CPU the strided halves cost more than the launches
-    saved: tiny model, batch 256, 7.0k vs 8.3k tokens/s). The weights are laid side by side for each rollout and the model's parameters
+    matmul each; None = on CUDA only (on CPU it did not pay: tiny model, batch 256, 7.0k vs
+    8.3k and 6.7k vs 7.2k tokens/s fused vs unfused). The weights are laid side by side for each rollout and the model's parameters
     point into them until it ends (`rollouts/fused_weights.py`): no second copy, and the
     parameters get their own storage back before training resumes. `bench/RESULTS.md` (B2) has
     the speed with and without."""
