@@ -109,9 +109,8 @@ def _concat(modules: list[nn.Module]) -> tuple[Tensor | None, Tensor | None]:
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     sizes = [m.out_features for m in modules]
-    for module, rows in zip(modules, weight.split(sizes), strict=True):
-        module.weight.data = rows  # the old storage goes once nothing else holds it
-    if bias is not None:
-        for module, rows in zip(modules, bias.split(sizes), strict=True):
-            module.bias.data = rows
+    for name, joined in (("weight", weight), ("bias", bias)):
+        if joined is not None:  # the old storages go once nothing else holds them
+            for module, rows in zip(modules, joined.split(sizes), strict=True):
+                getattr(module, name).data = rows
     return weight, bias

@@ -149,8 +149,8 @@ class HFEngine:
             mask[row, width - len(ids) :] = 1
         input_ids, mask, rows_B = input_ids.to(device), mask.to(device), rows_B.to(device)
         # Checked per call: FSDP2 shards the shared model after the engine is built.
-        static = self.static_cache and unsupported(self.model) is None
-        if static:
+        session = None
+        if self.static_cache and unsupported(self.model) is None:
             session = self._static_decoder(device).start(
                 input_ids, mask, sampling.max_new_tokens, rows_B if len(distinct) < batch else None
             )
@@ -160,11 +160,10 @@ class HFEngine:
         stop_ids = set() if sampling.ignore_eos else self.stop_ids
         try:
             tokens, logps = self._sample_loop(
-                logits, step, session if static else None, sampling, generator, stop_ids,
-                batch, device,
-            )  # fmt: skip
+                logits, step, session, sampling, generator, stop_ids, batch, device
+            )
         finally:
-            if static:
+            if session is not None:
                 session.close()
         return _finish(tokens, logps, stop_ids)
 

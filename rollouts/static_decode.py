@@ -178,13 +178,13 @@ class StaticDecoder:
                 )  # fmt: skip
             else:
                 q, k = _rotate(q, cos_BTD, sin_BTD), _rotate(k, cos_BTD, sin_BTD)
-                out = self._attend(cache, i, q, k, v, slots, visible, allowed, attn.scaling,
-                                   causal)  # fmt: skip
+                out = self._torch_attention(cache, i, q, k, v, slots, visible, allowed,
+                                            attn.scaling, causal)  # fmt: skip
             h = h + attn.o_proj(out.reshape(B, T, -1))
             h = h + mlp_forward(layer.mlp, fused, layer.post_attention_layernorm(h))
         return self.body.norm(h[:, -1])
 
-    def _attend(
+    def _torch_attention(
         self, cache: _Cache, i: int, q_BTHD: Tensor, k_BTKD: Tensor, v_BTKD: Tensor, slots: Any,
         visible: int | None, allowed: Tensor | None, scale: float, causal: bool = False,
     ) -> Tensor:  # fmt: skip
@@ -320,7 +320,10 @@ class StaticDecoder:
         if rows >= U:
             return U
         even = next((r for r in range(rows, rows // 2, -1) if U % r == 0), None)
-        return even if even is not None else -(-U // -(-U // rows))
+        if even is not None:
+            return even
+        parts = -(-U // rows)
+        return -(-U // parts)
 
     def _empty_cache(self, B: int, S: int, device: torch.device) -> _Cache:
         dtype = self.body.embed_tokens.weight.dtype
