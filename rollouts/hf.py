@@ -142,11 +142,13 @@ class HFEngine:
         # Each distinct prompt once (the n samples of a prompt share its prefill).
         distinct: dict[tuple[int, ...], int] = {}
         rows_B = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids])
-        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for row, ids in enumerate(distinct):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
+        # Left-padded in one tensor call (a slice assignment per row cost ~15 ms at batch 256).
+        pad = (self.pad_id,)
+        input_ids = torch.tensor(
+            [pad * (width - len(ids)) + ids for ids in distinct], dtype=torch.long
+        )
+        lengths_U = torch.tensor([len(ids) for ids in distinct])
+        mask = (torch.arange(width) >= width - lengths_U[:, None]).long()
         input_ids, mask, rows_B = input_ids.to(device), mask.to(device), rows_B.to(device)
         # Checked per call: FSDP2 shards the shared model after the engine is built.
         session = None
@@ -159,21 +161,22 @@ class HFEngine:
             logits, step = self._transformers_steps(input_ids[rows_B], mask[rows_B])
         stop_ids = set() if sampling.ignore_eos else self.stop_ids
         try:
-            tokens, logps = self._sample_loop(
+            tokens_BT, logps_BT = self._sample_loop(
                 logits, step, session, sampling, generator, stop_ids, batch, device
             )
         finally:
             if session is not None:
                 session.close()
-        return _finish(tokens, logps, stop_ids)
+        return _finish(tokens_BT, logps_BT, stop_ids)
 
     def _sample_loop(
         self, logits: Tensor, step: Callable[[Tensor], Tensor], session: DecodeSession | None,
         sampling: SamplingParams, generator: torch.Generator | None, stop_ids: set[int],
         batch: int, device: torch.device,
-    ) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Draw up to `max_new_tokens` per row: the first from `logits`, each next one after
-        `step` (or, on CUDA, the session's draw inside its graph); rows stop at a stop token."""
+        `step` (or, on CUDA, the session's draw inside its graph); rows stop at a stop token.
+        Returns the tokens and their logprobs, `[batch, steps]` (pad after a row's stop)."""
         T = sampling.temperature
         if session is not None and device.type == "cuda" and sampling.top_p == 1.0:
             # The draw runs inside the compiled step and its CUDA graph (`rollouts.draw`).
@@ -199,7 +202,7 @@ class HFEngine:
                 if (t + 1) % check_every == 0 and bool(done.all()):
                     break
             token, logp = advance(token)
-        return torch.stack(tokens_BT, 1).tolist(), torch.stack(logps_BT, 1).tolist()
+        return torch.stack(tokens_BT, 1), torch.stack(logps_BT, 1)
 
     def _static_decoder(self, device: torch.device) -> StaticDecoder:
         """One decoder per engine, so a compiled step is reused across calls."""
@@ -236,18 +239,26 @@ class HFEngine:
 
 
 def _finish(
-    tokens: list[list[int]], logps: list[list[float]], stop_ids: set[int]
+    tokens_BT: Tensor, logps_BT: Tensor, stop_ids: set[int]
 ) -> list[tuple[list[int], list[float], str]]:
-    """Cut each row after its first stop token (the rest is padding)."""
-    results = []
-    for row_tokens, row_logps in zip(tokens, logps, strict=True):
-        length, reason = len(row_tokens), "length"
-        for j, tok in enumerate(row_tokens):
-            if tok in stop_ids:
-                length, reason = j + 1, "stop"
-                break
-        results.append((row_tokens[:length], row_logps[:length], reason))
-    return results
+    """Per row the tokens and logprobs up to its first stop token (the rest is padding) and
+    the finish reason. The first stops are found on the tensors' device, not in Python loops
+    over every token."""
+    T = tokens_BT.shape[1]
+    if stop_ids:
+        stop = torch.tensor(sorted(stop_ids), dtype=tokens_BT.dtype, device=tokens_BT.device)
+        is_stop_BT = torch.isin(tokens_BT, stop)
+        stopped_B = is_stop_BT.any(1)
+        lengths_B = torch.where(stopped_B, is_stop_BT.int().argmax(1) + 1, T)
+        stopped, lengths = stopped_B.tolist(), lengths_B.tolist()
+    else:
+        stopped, lengths = [False] * len(tokens_BT), [T] * len(tokens_BT)
+    tokens, logps = tokens_BT.tolist(), logps_BT.tolist()
+    return [
+        (row_tokens[:n], row_logps[:n], "stop" if hit else "length") if n < T
+        else (row_tokens, row_logps, "stop" if hit else "length")
+        for row_tokens, row_logps, n, hit in zip(tokens, logps, lengths, stopped, strict=True)
+    ]  # fmt: skip
 
 
 def _choose(
