@@ -130,9 +130,10 @@ class DecodeSession:
         """Record one step as a CUDA graph, on a side stream. The warm-up step writes the same
         slot that the first replay writes again, so the cache stays right. Not through
         `torch.cuda.graph`, which empties the allocator's cache before every capture: the next
-        call's prefill and cache would then be allocated from the driver again."""
+        call's prefill and cache would then be allocated from the driver again. The side
+        stream is the decoder's one (`StaticDecoder.capture_stream`)."""
         cache_state = self.cache.valid_BS.clone()
-        side = torch.cuda.Stream()
+        side = self.decoder.capture_stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side):

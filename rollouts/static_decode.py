@@ -139,6 +139,17 @@ class StaticDecoder:
         self.decode_sample = (
             torch.compile(self._step_sample, dynamic=False) if compile else self._step_sample
         )
+        self._capture_stream: torch.cuda.Stream | None = None
+
+    def capture_stream(self) -> torch.cuda.Stream:
+        """The side stream on which every session of this decoder captures its CUDA graphs.
+        One for all: cuBLAS keeps a workspace for each stream it has run on (~32 MiB on an
+        H200) for the life of the process, so a new stream per generate call left one more
+        workspace behind each call, up to torch's pool of 32 streams (B2 on an H200: +32 MiB
+        of peak memory per call)."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream()
+        return self._capture_stream
 
     # -- one pass of the decoder over T new positions -----------------------------------------
 

@@ -424,6 +424,23 @@ def test_engine_logprobs_on_cuda_are_each_steps_own(tiny):
 
 
 @pytest.mark.gpu
+def test_repeated_cuda_generate_calls_hold_no_more_memory(tiny):
+    """Each call captures its CUDA graphs on the decoder's one side stream: a new stream per
+    call left a cuBLAS workspace behind each time (allocated memory grew every call)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tokenizer = tiny
+    engine = create_engine("hf", model=model.to("cuda"), tokenizer=tokenizer, batch_size=8)
+    sampling = SamplingParams(max_new_tokens=6, seed=0, ignore_eos=True)
+    held = []
+    for _ in range(4):
+        engine.generate(["12+34=", "7+8="], 4, sampling)
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated())
+    assert held[1] == held[2] == held[3], held
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
