@@ -86,8 +86,11 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         # Right-padded: causal attention keeps real tokens from the padding, no mask needed
-        # (the trainer's `posttrain.logprobs` runs the same way).
-        logits = self.model(input_ids=ids.to(device)).logits.float()
+        # (the trainer's `posttrain.logprobs` runs the same way). No KV cache: in eval mode
+        # transformers would build one, and compiled decoder layers (`train.compile`) then
+        # recompile once per layer on its per-layer state (H200 GRPO run: dynamo's recompile
+        # limit of 8 was hit in the first step).
+        logits = self.model(input_ids=ids.to(device), use_cache=False).logits.float()
         self.model.train(was_training)
         picked = logits[:, :-1].gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
         values = (picked - torch.logsumexp(logits[:, :-1], -1)).cpu().tolist()

@@ -50,6 +50,23 @@ def test_logprobs_agree_with_trainer(tiny):
         torch.testing.assert_close(torch.tensor(s.logprobs), expected, atol=1e-4, rtol=0)
 
 
+def test_engine_logprobs_build_no_kv_cache(tiny):
+    """The engine's logprobs (the weight-sync probe) run without a KV cache: with one, the
+    trainer's compiled decoder layers recompile once per layer."""
+    model, tokenizer = tiny
+    engine = create_engine("hf", model=model, tokenizer=tokenizer)
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("past_key_values")), with_kwargs=True
+    )
+    try:
+        engine.logprobs([[1, 5, 6, 7], [1, 8]])
+        model(input_ids=torch.tensor([[1, 5, 6]]))  # transformers' default builds one
+    finally:
+        hook.remove()
+    assert seen[0] is None and seen[1] is not None, seen
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(tiny):
     model, tokenizer = tiny
     engine = create_engine("hf", model=model, tokenizer=tokenizer)
