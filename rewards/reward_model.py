@@ -53,6 +53,9 @@ def reward_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    # Scoring needs no KV cache; decoder models would build one per batch in eval mode (for a
+    # 7B model, 32 x 1,024 tokens: ~4 GB of keys and values kept through the forward).
+    model.config.use_cache = False
     model.to(device).eval()
     lock = threading.Lock()  # one forward at a time when the rubric runs rewards in threads
 

@@ -52,6 +52,21 @@ def test_scores_match_unpadded_forwards_at_any_batch_size(rm_path, batch_size):
     assert len(set(scores)) == len(scores)  # distinct texts, distinct scores
 
 
+def test_scoring_builds_no_kv_cache(rm_path, monkeypatch):
+    """A decoder reward model scores without a KV cache (transformers builds one per forward in
+    eval mode unless told not to)."""
+    from transformers import DynamicCache
+
+    fn = resolve_reward("reward_model", args={"path": rm_path})
+    built = []
+    init = DynamicCache.__init__
+    monkeypatch.setattr(
+        DynamicCache, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k)
+    )
+    scores = fn(prompts=PROMPTS, completions=COMPLETIONS)
+    assert len(scores) == len(COMPLETIONS) and built == []
+
+
 def test_conversational_completion_scores_its_text(rm_path):
     fn = resolve_reward("reward_model", args={"path": rm_path})
     plain = fn(prompts=PROMPTS[:2], completions=COMPLETIONS[:2])
