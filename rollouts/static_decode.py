@@ -4,7 +4,7 @@ expands the KV heads, and (on CUDA) the one-token step replayed as a CUDA graph.
 The decoder runs the model's own submodules (embedding, norms, the q/k/v/o projections, LoRA-
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
 weights: nothing needs syncing. Only the attention is its own: the queries of the heads that
-share a KV head are laid side by side, so each KV head is read once (`_attend` in torch code;
+share a KV head are laid side by side, so each KV head is read once (`rollouts/torch_attention.py` in torch code;
 on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samples of one
 prompt share its prefill; eager steps (CPU) also keep its keys and values once and read them
 once per group (`rollouts/grouped_attention.py`). The cache lives
@@ -33,6 +33,7 @@ from rollouts.decode_session import DecodeSession
 from rollouts.draw import draw, pick
 from rollouts.fused_weights import FusedLayer, fuse_layers, mlp_forward, project_qkv, unfuse
 from rollouts.grouped_attention import attend_grouped, grouped_rows
+from rollouts.torch_attention import allowed_slots, attend, rotate, write_slots
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 PREFILL_TOKENS = 16_384
@@ -176,7 +177,7 @@ class StaticDecoder:
         causal = whole_prompts and prompts is None
         allowed = (
             None if prompts or kernel or causal
-            else _allowed(cache.valid_BS, slots, T)[..., :visible]
+            else allowed_slots(cache.valid_BS, slots, T)[..., :visible]
         )  # fmt: skip
         for i, layer in enumerate(self.body.layers):
             attn, fused = layer.self_attn, cache.fused[i] if cache.fused else None
@@ -190,7 +191,7 @@ class StaticDecoder:
                     cache.values[i], cache.valid_BS, slots, attn.scaling,
                 )  # fmt: skip
             else:
-                q, k = _rotate(q, cos_BTD, sin_BTD), _rotate(k, cos_BTD, sin_BTD)
+                q, k = rotate(q, cos_BTD, sin_BTD), rotate(k, cos_BTD, sin_BTD)
                 out = self._torch_attention(cache, i, q, k, v, slots, visible, allowed,
                                             attn.scaling, causal)  # fmt: skip
             h = h + attn.o_proj(out.reshape(B, T, -1))
@@ -205,8 +206,8 @@ class StaticDecoder:
         and values at `slots`, returns `[B, T, H, D]`. `causal`: the new tokens are whole
         prompts, attending causally among themselves."""
         q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
-        _write(cache.keys[i], slots, k)
-        _write(cache.values[i], slots, v)
+        write_slots(cache.keys[i], slots, k)
+        write_slots(cache.values[i], slots, v)
         if causal:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, enable_gqa=True
@@ -215,7 +216,7 @@ class StaticDecoder:
         keys, values = cache.keys[i][:, :, :visible], cache.values[i][:, :, :visible]
         prompts = cache.prompts
         if prompts is None:
-            out = _attend(q, keys, values, allowed, scale)
+            out = attend(q, keys, values, allowed, scale, DECODE_ATTENTION)
         else:
             valid = None if prompts.unpadded else prompts.valid_BS
             out = attend_grouped(q, prompts.keys[i], prompts.values[i], valid, keys, values, scale)
@@ -353,54 +354,3 @@ def _is_dtensor(x: Any) -> bool:
     would cost every process about a second and 40 MiB."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(x, module.DTensor)
-
-
-def _write(cache_BKSD: Tensor, slots: Any, new_BKTD: Tensor) -> None:
-    if isinstance(slots, slice):
-        cache_BKSD[:, :, slots] = new_BKTD
-    else:
-        cache_BKSD.index_copy_(2, slots, new_BKTD)
-
-
-def _allowed(valid_BS: Tensor, slots: Any, T: int) -> Tensor:
-    """`[B, T, S]`: query t may see the written, real slots up to its own. Each query also sees
-    itself, so left-padding rows stay finite."""
-    S = valid_BS.shape[1]
-    if isinstance(slots, slice):
-        query_slot = torch.arange(slots.start, slots.start + T, device=valid_BS.device)
-    else:
-        valid_BS.index_fill_(1, slots, True)
-        query_slot = slots
-    key_slot = torch.arange(S, device=valid_BS.device)
-    causal_TS = key_slot[None, :] <= query_slot[:, None]
-    own_TS = key_slot[None, :] == query_slot[:, None]
-    return (valid_BS[:, None, :] & causal_TS[None]) | own_TS[None]
-
-
-def _attend(q_BHTD: Tensor, k_BKSD: Tensor, v_BKSD: Tensor, allowed_BTS: Tensor, scale: float):
-    """Attention with the G query heads of each KV head folded into the query length, so the
-    KV heads are read as they are (no repeat to H heads). Returns `[B, H, T, D]`."""
-    B, H, T, D = q_BHTD.shape
-    K = k_BKSD.shape[1]
-    G = H // K
-    q = q_BHTD.reshape(B, K, G * T, D)
-    mask = allowed_BTS[:, None, None].expand(B, 1, G, T, allowed_BTS.shape[-1])
-    mask = mask.reshape(B, 1, G * T, -1)
-    if T == 1 and DECODE_ATTENTION == "matmul":
-        # Scores in the model's dtype (as transformers' eager attention), softmax in float32.
-        scores = torch.matmul(q, k_BKSD.transpose(-1, -2)) * scale
-        scores = scores.float().masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
-    else:
-        out = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask, scale=scale)
-    return out.reshape(B, H, T, D)
-
-
-def _rotate(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
-    """transformers' Llama-family rotary embedding, on `[B, T, heads, D]`."""
-    return x_BTHD * cos_BTD[:, :, None] + _rotate_half(x_BTHD) * sin_BTD[:, :, None]
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

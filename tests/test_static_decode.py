@@ -106,13 +106,13 @@ def test_unpadded_prompts_prefill_causally_and_match_transformers(kind, extra, m
     from rollouts import static_decode
 
     masked_widths = []
-    allowed = static_decode._allowed
+    allowed = static_decode.allowed_slots
 
     def spy(valid_BS, slots, T):
         masked_widths.append(T)
         return allowed(valid_BS, slots, T)
 
-    monkeypatch.setattr(static_decode, "_allowed", spy)
+    monkeypatch.setattr(static_decode, "allowed_slots", spy)
     model = _random_model(kind, **extra)
     ids, mask = _left_padded(3, [6, 6, 6], SMALL["vocab_size"])
     _check_steps(model, ids, mask, steps=4, atol=1e-5)
