@@ -163,18 +163,19 @@ class HFEngine:
         else:
             logits, step = self._transformers_steps(input_ids[rows_B], mask[rows_B])
         stop_ids = set() if sampling.ignore_eos else self.stop_ids
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         try:
             tokens_BT, logps_BT = self._sample_loop(
-                logits, step, session, sampling, generator, stop_ids, batch, device
+                logits, step, session, sampling, generator, stop, batch, device
             )
         finally:
             if session is not None:
                 session.close()
-        return _finish(tokens_BT, logps_BT, stop_ids)
+        return _finish(tokens_BT, logps_BT, stop)
 
     def _sample_loop(
         self, logits: Tensor, step: Callable[[Tensor], Tensor], session: DecodeSession | None,
-        sampling: SamplingParams, generator: torch.Generator | None, stop_ids: set[int],
+        sampling: SamplingParams, generator: torch.Generator | None, stop: Tensor,
         batch: int, device: torch.device,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Draw up to `max_new_tokens` per row: the first from `logits`, each next one after
@@ -188,19 +189,19 @@ class HFEngine:
         else:
             token, logp = _choose(logits, sampling, generator)
             advance = lambda token: _choose(step(token), sampling, generator)  # noqa: E731
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        has_stops = stop.numel() > 0
         # Each "all rows done?" check waits for the device; on GPU look every few steps.
         check_every = 1 if device.type == "cpu" else 8
         tokens_BT, logps_BT = [], []
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(sampling.max_new_tokens):
-            if stop_ids:  # without stop tokens (ignore_eos) no row finishes early: no checks
+            if has_stops:  # without stop tokens (ignore_eos) no row finishes early: no checks
                 token = torch.where(done, self.pad_id, token)
             tokens_BT.append(token)
             logps_BT.append(logp)
             if t == sampling.max_new_tokens - 1:
                 break
-            if stop_ids:
+            if has_stops:
                 done = done | torch.isin(token, stop)
                 if (t + 1) % check_every == 0 and bool(done.all()):
                     break
@@ -242,26 +243,17 @@ class HFEngine:
 
 
 def _finish(
-    tokens_BT: Tensor, logps_BT: Tensor, stop_ids: set[int]
+    tokens_BT: Tensor, logps_BT: Tensor, stop: Tensor
 ) -> list[tuple[list[int], list[float], str]]:
-    """Per row the tokens and logprobs up to its first stop token (the rest is padding) and
-    the finish reason. The first stops are found on the tensors' device, not in Python loops
-    over every token."""
-    T = tokens_BT.shape[1]
-    if stop_ids:
-        stop = torch.tensor(sorted(stop_ids), dtype=tokens_BT.dtype, device=tokens_BT.device)
-        is_stop_BT = torch.isin(tokens_BT, stop)
-        stopped_B = is_stop_BT.any(1)
-        lengths_B = torch.where(stopped_B, is_stop_BT.int().argmax(1) + 1, T)
-        stopped, lengths = stopped_B.tolist(), lengths_B.tolist()
-    else:
-        stopped, lengths = [False] * len(tokens_BT), [T] * len(tokens_BT)
-    tokens, logps = tokens_BT.tolist(), logps_BT.tolist()
-    return [
-        (row_tokens[:n], row_logps[:n], "stop" if hit else "length") if n < T
-        else (row_tokens, row_logps, "stop" if hit else "length")
-        for row_tokens, row_logps, n, hit in zip(tokens, logps, lengths, stopped, strict=True)
-    ]  # fmt: skip
+    """Per row the tokens and logprobs up to its first token in `stop` (the rest is padding)
+    and the finish reason. The first stops are found on the tensors' device, not in Python
+    loops over every token."""
+    is_stop_BT = torch.isin(tokens_BT, stop.to(tokens_BT.device))
+    stopped_B = is_stop_BT.any(1)
+    lengths_B = torch.where(stopped_B, is_stop_BT.int().argmax(1) + 1, tokens_BT.shape[1])
+    rows = zip(tokens_BT.tolist(), logps_BT.tolist(), lengths_B.tolist(), stopped_B.tolist(),
+               strict=True)  # fmt: skip
+    return [(t[:n], lp[:n], "stop" if hit else "length") for t, lp, n, hit in rows]
 
 
 def _choose(

@@ -4,8 +4,9 @@ expands the KV heads, and (on CUDA) the one-token step replayed as a CUDA graph.
 The decoder runs the model's own submodules (embedding, norms, the q/k/v/o projections, LoRA-
 wrapped ones included, the MLP, the rotary embedding, the head), so it shares the trainer's
 weights: nothing needs syncing. Only the attention is its own: the queries of the heads that
-share a KV head are laid side by side, so each KV head is read once (`rollouts/torch_attention.py` in torch code;
-on CUDA, the one-token steps' Triton kernel, `rollouts/decode_kernels.py`). Samples of one
+share a KV head are laid side by side, so each KV head is read once (in torch code,
+`rollouts/torch_attention.py`; on CUDA, the one-token steps' Triton kernel,
+`rollouts/decode_kernels.py`). Samples of one
 prompt share its prefill; eager steps (CPU) also keep its keys and values once and read them
 once per group (`rollouts/grouped_attention.py`). The cache lives
 only for one `generate` call, so the memory goes back to the trainer between rollouts. With
@@ -145,7 +146,7 @@ class StaticDecoder:
 
     def capture_stream(self) -> torch.cuda.Stream:
         """The side stream on which every session of this decoder captures its CUDA graphs.
-        One for all: cuBLAS keeps a workspace for each stream it has run on (~32 MiB on an
+        One for all: cuBLAS keeps a workspace for each stream it has run on (~33 MiB on an
         H200) for the life of the process, so a new stream per generate call left one more
         workspace behind each call, up to torch's pool of 32 streams. B2 on an H200: the peak
         grew ~33 MiB per call before; with one stream 1,461 / 2,748 / 6,348 MiB at batch 64 /

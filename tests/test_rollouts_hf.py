@@ -124,10 +124,10 @@ def test_finish_cuts_each_row_after_its_first_stop_token():
 
     tokens = torch.tensor([[5, 6, 7, 8], [9, 2, 0, 0], [3, 2, 4, 2], [2, 0, 0, 0]])
     logps = -torch.arange(16, dtype=torch.float32).reshape(4, 4)
-    rows = _finish(tokens, logps, {2, 4})
+    rows = _finish(tokens, logps, torch.tensor([2, 4]))
     assert [r[0] for r in rows] == [[5, 6, 7, 8], [9, 2], [3, 2], [2]]
     assert [r[1] for r in rows] == [[0, -1, -2, -3], [-4, -5], [-8, -9], [-12]]
     assert [r[2] for r in rows] == ["length", "stop", "stop", "stop"]
     # Without stop tokens every row runs to the end.
-    rows = _finish(tokens, logps, set())
+    rows = _finish(tokens, logps, torch.tensor([], dtype=torch.long))
     assert [r[0] for r in rows] == tokens.tolist() and {r[2] for r in rows} == {"length"}

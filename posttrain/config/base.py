@@ -191,9 +191,10 @@ class RolloutConfig(Strict):
     fuse_weights: bool | None = None
     """`hf` engine with `static_cache`: the prefill and decode steps run q/k/v and gate/up as one
     matmul each; None = on CUDA only (on CPU it did not pay: tiny model, batch 256, 7.0k vs
-    8.3k and 6.7k vs 7.2k tokens/s fused vs unfused). The weights are laid side by side for each rollout and the model's parameters
-    point into them until it ends (`rollouts/fused_weights.py`): no second copy, and the
-    parameters get their own storage back before training resumes. `bench/RESULTS.md` (B2) has
+    8.3k and 6.7k vs 7.2k tokens/s fused vs unfused). The weights are laid side by side for
+    each rollout and the model's parameters point into them until it ends
+    (`rollouts/fused_weights.py`): no second copy, and the parameters get their own storage
+    back before training resumes. `bench/RESULTS.md` (B2) has
     the speed with and without."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """vLLM dtype; `auto` = `model.dtype`, so the sync probe compares like with like."""
